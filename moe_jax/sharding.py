@@ -1,0 +1,209 @@
+"""The device mesh, logical-axis rules, and the shardings of parameters and batches.
+
+Mesh axes are `('data', 'expert', 'model')`, sizes from `mesh.shape` (one entry may be -1: it takes the
+remaining devices). Model code names array axes logically ("batch", "embed", "mlp", "expert", ...); the rules
+below map each logical name to mesh axes:
+
+    batch  -> ('data', 'expert')   tokens are spread over every data-parallel and expert-parallel device
+    expert -> 'expert'             expert weights [E, d, f] split on E: each device holds only its experts
+    heads, mlp, vocab -> 'model'   tensor parallelism inside attention, MLPs, experts and the softmax
+    embed  -> 'data' with FSDP (`fsdp=True`, params sharded over 'data'), else replicated
+    layers, kv, length -> replicated
+
+A mesh axis is used at most once per array: where two logical axes map to the same mesh axis, the first
+(leftmost) keeps it (so FSDP's embed -> 'data' disappears from activations, whose batch axis holds 'data').
+
+Axis types: **Auto**, deliberately. `jax.make_mesh` defaults to Explicit axes in jax 0.10, where every op
+that contracts a sharded dimension must state its `out_sharding` and `with_sharding_constraint` only
+asserts. The model, the MoE layer and the dispatchers are written by different hands and also run without
+any mesh (notebooks, tests); Explicit mode would make each of their einsums a place that must name a
+sharding. With Auto axes the parameters and the batch get their shardings from `jax.jit`
+in/out_shardings (or `jax.device_put`), XLA's partitioner propagates them, `constrain` pins the layouts that
+matter (the residual stream, the logits, the expert buffer), and the expert all-to-all is an explicit
+`jax.shard_map` + `jax.lax.all_to_all` under `jax.set_mesh(mesh)`. The mesh is always passed explicitly
+(NamedSharding, `jax.set_mesh`); the legacy `with mesh:` global is never used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "expert", "model")
+
+Rules = tuple[tuple[str, Any], ...]
+
+
+def logical_axis_rules(*, fsdp: bool = False) -> Rules:
+    """(logical name, mesh axis or tuple of mesh axes or None) pairs."""
+    return (
+        ("batch", ("data", "expert")),
+        ("length", None),
+        ("expert", "expert"),
+        ("heads", "model"),
+        ("kv", None),
+        ("mlp", "model"),
+        ("vocab", "model"),
+        ("embed", "data" if fsdp else None),
+        ("layers", None),
+    )
+
+
+DEFAULT_RULES = logical_axis_rules()
+
+
+def rules_from_config(config) -> Rules:
+    """The rules for a run: `mesh.fsdp` (default False) turns FSDP on."""
+    mesh_cfg = config.get("mesh") if hasattr(config, "get") else None
+    fsdp = bool(mesh_cfg.get("fsdp", False)) if mesh_cfg is not None else False
+    return logical_axis_rules(fsdp=fsdp)
+
+
+# --------------------------------------------------------------------------------------------- mesh
+
+
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+    """`mesh.shape` with its -1 filled in; ValueError naming the key when it cannot fit `num_devices`."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh.shape={shape} must have {len(MESH_AXES)} entries, one per axis {MESH_AXES}")
+    if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+        raise ValueError(f"mesh.shape={shape}: entries must be positive, with at most one -1 (fill)")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh.shape={shape}: the fixed axes ({known} devices) do not divide the "
+                             f"device count {num_devices}")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh.shape={shape} has {math.prod(shape)} devices but there are {num_devices} "
+                         f"devices; the product must equal the device count")
+    return shape
+
+
+def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """The ('data', 'expert', 'model') mesh, Auto axes (see the module docstring).
+
+    Args:
+      config: the run config (reads `config.mesh.shape`), a `mesh` section (reads `.shape`), or the
+        3-tuple itself.
+      devices: default `jax.devices()` (all processes' devices).
+    """
+    if isinstance(config, (tuple, list)):
+        shape = config
+    elif "mesh" in config:
+        shape = config.mesh.shape
+    else:
+        shape = config.shape
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(shape, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+# --------------------------------------------------------------------------------------------- rules
+
+
+def logical_to_mesh(names: Sequence[Optional[str]], rules: Rules = DEFAULT_RULES) -> P:
+    """PartitionSpec for an array whose axes have these logical names (None = unnamed, replicated).
+
+    A name missing from the rules is an error (a typo would otherwise silently replicate). A mesh axis
+    already taken by an earlier dimension is dropped from later ones.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        target = table[name]
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def _spec_for(shape: Sequence[int], names: Sequence[Optional[str]], mesh: Mesh, rules: Rules, where: str) -> P:
+    if len(names) != len(shape):
+        raise ValueError(f"{where}: logical names {tuple(names)} do not match the shape {tuple(shape)}")
+    spec = logical_to_mesh(names, rules)
+    for dim, axes in zip(shape, spec):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        size = math.prod(mesh.shape[a] for a in axes)
+        if dim % size:
+            raise ValueError(f"{where}: dimension of size {dim} (logical axes {tuple(names)}) cannot be split "
+                             f"over mesh axes {axes} of total size {size}; change the model size or mesh.shape")
+    return spec
+
+
+def param_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for an nnx state (real or abstract), from each Variable's `out_sharding` names.
+
+    Returns a tree of the state's structure (usable as jax.jit in/out_shardings or with jax.device_put);
+    Variables without names (RNG state, counters) are replicated.
+    """
+
+    def one(path, variable):
+        names = variable.get_metadata().get("out_sharding")
+        if not names:
+            return variable.replace(NamedSharding(mesh, P()))
+        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        return variable.replace(NamedSharding(mesh, _spec_for(variable.shape, names, mesh, rules, where)))
+
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch arrays [B, ...]: leading axis over ('data', 'expert'), the rest replicated."""
+    return NamedSharding(mesh, P(("data", "expert"), *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Global jax.Arrays from this process's slice of a batch (numpy [B_local, ...] arrays).
+
+    Works single- and multi-process: each process passes the rows its devices hold
+    (`jax.make_array_from_process_local_data`); the global batch is the concatenation over processes.
+    """
+    shards = mesh.shape["data"] * mesh.shape["expert"]
+    local_shards = shards // jax.process_count()
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.shape[0] % max(local_shards, 1):
+            raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows on this process, not divisible by the "
+                             f"{local_shards} ('data' x 'expert') shards it holds; data.batch_size must be a "
+                             f"multiple of {shards}")
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- activations
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]], rules: Rules = DEFAULT_RULES) -> jax.Array:
+    """Pin an activation's layout by logical names under the current `jax.set_mesh` mesh.
+
+    A no-op without a mesh (single device, notebooks) and for dimensions the mesh axes do not divide (a
+    constraint is a layout hint, never a reason to fail).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return x
+    if not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    spec = []
+    for dim, axes in zip(x.shape, logical_to_mesh(names, rules)):
+        tup = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        spec.append(axes if dim % math.prod(mesh.shape[a] for a in tup) == 0 else None)
+    return jax.lax.with_sharding_constraint(x, P(*spec))
