@@ -194,6 +194,11 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 def constrain(x: jax.Array, names: Sequence[Optional[str]], rules: Rules = DEFAULT_RULES) -> jax.Array:
     """Pin an activation's layout by logical names under the current `jax.set_mesh` mesh.
 
+    Expert parallelism with the einsum dispatcher: pinning the expert buffer on both sides of the experts,
+    `constrain(x_EGCd, ("expert", "batch", None, "embed"))`, makes the partitioner move tokens with one
+    all-to-all each way and keep every expert's weights on its own devices (without it, it all-gathers the
+    [E, d, f] kernels instead). "batch" resolves to 'data' there, 'expert' being taken by E.
+
     A no-op without a mesh (single device, notebooks) and for dimensions the mesh axes do not divide (a
     constraint is a layout hint, never a reason to fail).
     """
