@@ -1,0 +1,291 @@
+"""How tokens travel to experts: three interchangeable executors of a `routing.Routing`.
+
+    y_GSd = apply_experts(name, x_GSd, routing, experts)
+
+Axis letters as in routing.py (G groups, S tokens per group, E experts, C capacity, K choices, d model
+width, f hidden width), plus N rows of an expert buffer and A = G*S*K (token, choice) assignments.
+
+* ``einsum``   one-hot dispatch / combine tensors [G, S, E, C] and two einsums around the expert buffer
+               x_ENd [E, G*C, d]. Dense matmuls only: the TPU path. `transport_dtype=jnp.bfloat16` runs the
+               two einsums in bf16 (half the bytes on the wire when the buffer is all-to-all'ed).
+* ``index``    the same expert buffer x_ENd [E, G*C, d], filled by a gather (slot -> token) and read back
+               by a gather (token -> slot) weighted by the combine weight. No [G, S, E, C] tensor: the
+               GPU / CPU path.
+* ``dropless`` no buffer and no capacity: the kept (token, choice) pairs in expert-major order, a grouped
+               matmul, back to token order. `jax.lax.ragged_dot` on TPU / GPU; on CPU, where ragged_dot is a
+               dense masked matmul over all groups, a block-padded grouped matmul (see `_block_grouped`).
+
+All three give the same output for the same Routing (to float tolerance): only kept assignments are
+computed, and each comes back multiplied by its combine weight. With a capacity large enough that nothing
+drops, dropless therefore equals the capacity paths. A dropped assignment contributes exactly 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.routing import Routing
+
+Array = jax.Array
+
+DISPATCHERS = ("einsum", "index", "dropless")
+ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
+
+
+def check_dispatcher(name: str) -> str:
+    if name not in DISPATCHERS:
+        raise ValueError(f"dispatcher must be one of {DISPATCHERS}, got {name!r}")
+    return name
+
+
+def check_activation(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    return name
+
+
+# --------------------------------------------------------------------------------------------- experts
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertFFN:
+    """E stacked feed-forward experts: y = act(x W_i [, x W_gate]) W_o, one weight set per expert.
+
+    wi      [E, d, f]  input kernel.
+    wo      [E, f, d]  output kernel.
+    wi_gate [E, d, f]  gate kernel of the gated activations (swiglu: silu(x W_gate) * x W_i; geglu: gelu);
+                       None for relu / gelu.
+    dropout_rng        key for expert dropout on the hidden units (None: no dropout, e.g. at eval).
+    Static: `activation`, `dropout_rate`, `dtype` (the compute dtype of the expert matmuls).
+    """
+
+    wi: Array
+    wo: Array
+    wi_gate: Optional[Array] = None
+    dropout_rng: Optional[Array] = None
+    activation: str = dataclasses.field(default="relu", metadata=dict(static=True))
+    dropout_rate: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    dtype: jnp.dtype = dataclasses.field(default=jnp.float32, metadata=dict(static=True))
+
+    @property
+    def num_experts(self) -> int:
+        return self.wi.shape[0]
+
+    def __call__(self, x_ENd: Array) -> Array:
+        """The expert buffer [E, N, d] -> [E, N, d]: row block e goes through expert e."""
+        dt = self.dtype
+        x_ENd = x_ENd.astype(dt)
+        h_ENf = jnp.einsum("ENd,Edf->ENf", x_ENd, self.wi.astype(dt))
+        gate_ENf = (None if self.wi_gate is None else
+                    jnp.einsum("ENd,Edf->ENf", x_ENd, self.wi_gate.astype(dt)))
+        h_ENf = self.hidden(h_ENf, gate_ENf, self.dropout_rng)
+        return jnp.einsum("ENf,Efd->ENd", h_ENf, self.wo.astype(dt))
+
+    def hidden(self, h: Array, gate: Optional[Array], rng: Optional[Array]) -> Array:
+        """Activation (gated where `gate` is given) and expert dropout on the hidden units."""
+        if self.activation == "relu":
+            h = jax.nn.relu(h)
+        elif self.activation == "gelu":
+            h = jax.nn.gelu(h)
+        else:
+            act = jax.nn.silu if self.activation == "swiglu" else jax.nn.gelu
+            h = act(gate) * h
+        if self.dropout_rate > 0 and rng is not None:
+            keep = jax.random.bernoulli(rng, 1.0 - self.dropout_rate, h.shape)
+            h = jnp.where(keep, h / (1.0 - self.dropout_rate), 0).astype(h.dtype)
+        return h
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+
+def apply_experts(
+    name: str,
+    x_GSd: Array,
+    routing: Routing,
+    experts: ExpertFFN,
+    *,
+    transport_dtype=None,
+    grouped_matmul: Optional[str] = None,
+    block_size: int = 256,
+) -> Array:
+    """Send every kept (token, choice) of `routing` through its expert and combine: [G, S, d] -> [G, S, d].
+
+    Args:
+      name: 'einsum' | 'index' | 'dropless'.
+      x_GSd: tokens in groups.
+      routing: from a router in routing.py (same G, S).
+      experts: the stacked expert weights.
+      transport_dtype: einsum only: dtype of the dispatch / combine einsums (e.g. jnp.bfloat16).
+      grouped_matmul: dropless only: 'ragged' (jax.lax.ragged_dot) or 'blocks' (block-padded, for CPU);
+        None picks by `jax.default_backend()`.
+      block_size: rows per block of the 'blocks' grouped matmul.
+
+    Returns:
+      y_GSd = sum_k weight[g, s, k] * expert_{expert_index[g, s, k]}(x[g, s]) over kept choices, in x's dtype.
+    """
+    check_dispatcher(name)
+    if x_GSd.ndim != 3 or tuple(x_GSd.shape[:2]) != tuple(routing.expert_index.shape[:2]):
+        raise ValueError(f"x_GSd must be [G, S, d] with [G, S] = {tuple(routing.expert_index.shape[:2])} "
+                         f"of the routing, got shape {x_GSd.shape}")
+    if experts.num_experts != routing.num_experts:
+        raise ValueError(f"experts hold {experts.num_experts} experts but routing.num_experts = "
+                         f"{routing.num_experts}")
+    if name == "einsum":
+        return _einsum_dispatch(x_GSd, routing, experts, transport_dtype)
+    if name == "index":
+        return _index_dispatch(x_GSd, routing, experts)
+    return _dropless_dispatch(x_GSd, routing, experts, grouped_matmul or default_grouped_matmul(), block_size)
+
+
+def default_grouped_matmul() -> str:
+    """'ragged' (jax.lax.ragged_dot) on TPU / GPU, 'blocks' on CPU where ragged_dot is dense over groups."""
+    return "blocks" if jax.default_backend() == "cpu" else "ragged"
+
+
+# --------------------------------------------------------------------------------------------- einsum
+
+
+def _einsum_dispatch(x_GSd, routing, experts, transport_dtype):
+    num_groups, _, d = x_GSd.shape
+    E, C = routing.num_experts, routing.buffer_size
+    td = x_GSd.dtype if transport_dtype is None else transport_dtype
+    dispatch_GSEC = routing.dispatch_mask().astype(td)
+    x_EGCd = jnp.einsum("GSEC,GSd->EGCd", dispatch_GSEC, x_GSd.astype(td))
+    x_ENd = x_EGCd.reshape(E, num_groups * C, d)
+    y_ENd = experts(x_ENd)
+    y_EGCd = y_ENd.reshape(E, num_groups, C, d)
+    combine_GSEC = routing.combine_tensor().astype(td)
+    y_GSd = jnp.einsum("GSEC,EGCd->GSd", combine_GSEC, y_EGCd.astype(td), preferred_element_type=jnp.float32)
+    return y_GSd.astype(x_GSd.dtype)
+
+
+# --------------------------------------------------------------------------------------------- index
+
+
+def _index_dispatch(x_GSd, routing, experts):
+    num_groups, group_size, d = x_GSd.shape
+    E, C, K = routing.num_experts, routing.buffer_size, routing.num_choices
+    num_rows = num_groups * C  # N
+    num_tokens = num_groups * group_size
+    # Row of every assignment in the flat buffer [E * N]; E * N (out of range) where dropped.
+    g_GSK = jnp.arange(num_groups, dtype=jnp.int32)[:, None, None]
+    row_GSK = routing.expert_index * num_rows + g_GSK * C + routing.slot
+    row_GSK = jnp.where(routing.kept, row_GSK, E * num_rows)
+    token_GSK = jnp.broadcast_to(
+        jnp.arange(num_tokens, dtype=jnp.int32).reshape(num_groups, group_size, 1), row_GSK.shape)
+    # Slot -> token (num_tokens, out of range, marks an empty slot); no slot is used twice.
+    token_of_row = jnp.full((E * num_rows,), num_tokens, jnp.int32).at[row_GSK.reshape(-1)].set(
+        token_GSK.reshape(-1), mode="drop", unique_indices=True)
+    x_Td = x_GSd.reshape(num_tokens, d)
+    x_ENd = x_Td.at[token_of_row].get(mode="fill", fill_value=0).reshape(E, num_rows, d)
+    y_ENd = experts(x_ENd)
+    y_GSKd = y_ENd.reshape(E * num_rows, d).at[row_GSK].get(mode="fill", fill_value=0)
+    y_GSd = jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), routing.weight)
+    return y_GSd.astype(x_GSd.dtype)
+
+
+# --------------------------------------------------------------------------------------------- dropless
+
+
+def _expert_major_rows(routing: Routing, block_size: int):
+    """Rows of the kept assignments in expert-major order, each expert's run padded to `block_size` rows.
+
+    Within an expert, assignments go group by group and, inside a group, by slot. Slots of an expert in a
+    group are 0..n-1 (as every router in routing.py hands them out), so the rows are dense.
+
+    Returns:
+      row_GSK [G, S, K] int32: row of each kept assignment; `num_rows` (out of range) where not kept.
+      rows_E [E] int32: kept assignments per expert.
+      padded_E [E] int32: rows_E rounded up to whole blocks.
+      num_rows: static row count, a multiple of block_size, ceil((G*S*K + E*(block_size-1)) / block_size)
+        blocks: an upper bound on sum(padded_E) for any routing.
+    """
+    num_groups, _, num_choices = routing.expert_index.shape
+    E = routing.num_experts
+    kept_GSK = routing.kept
+    e_GSK = jnp.where(kept_GSK, routing.expert_index, E)
+    counts_GE = jnp.zeros((num_groups, E + 1), jnp.int32).at[
+        jnp.arange(num_groups)[:, None, None], e_GSK].add(1)[:, :E]
+    rows_E = counts_GE.sum(axis=0)
+    padded_E = -(-rows_E // block_size) * block_size
+    start_E = jnp.cumsum(padded_E) - padded_E
+    group_offset_GE = jnp.cumsum(counts_GE, axis=0) - counts_GE
+    e_safe_GSK = jnp.minimum(e_GSK, E - 1)
+    g_GSK = jnp.arange(num_groups)[:, None, None]
+    row_GSK = (start_E[e_safe_GSK] + group_offset_GE[g_GSK, e_safe_GSK] + routing.slot)
+    num_assignments = routing.expert_index.size
+    num_rows = -(-(num_assignments + E * (block_size - 1)) // block_size) * block_size
+    row_GSK = jnp.where(kept_GSK, row_GSK, num_rows).astype(jnp.int32)
+    return row_GSK, rows_E, padded_E, num_rows
+
+
+def _dropless_dispatch(x_GSd, routing, experts, grouped_matmul, block_size):
+    if grouped_matmul not in ("ragged", "blocks"):
+        raise ValueError(f"grouped_matmul must be 'ragged' or 'blocks', got {grouped_matmul!r}")
+    num_groups, group_size, d = x_GSd.shape
+    num_tokens = num_groups * group_size
+    block = 1 if grouped_matmul == "ragged" else block_size
+    row_GSK, rows_E, padded_E, num_rows = _expert_major_rows(routing, block)
+    token_GSK = jnp.broadcast_to(
+        jnp.arange(num_tokens, dtype=jnp.int32).reshape(num_groups, group_size, 1), row_GSK.shape)
+    token_of_row = jnp.full((num_rows,), num_tokens, jnp.int32).at[row_GSK.reshape(-1)].set(
+        token_GSK.reshape(-1), mode="drop", unique_indices=True)
+    x_Rd = x_GSd.reshape(num_tokens, d).at[token_of_row].get(mode="fill", fill_value=0)
+    if grouped_matmul == "ragged":
+        y_Rd = _ragged_grouped(x_Rd, rows_E, experts)
+    else:
+        y_Rd = _block_grouped(x_Rd, padded_E, experts, block_size)
+    y_GSKd = y_Rd.at[row_GSK].get(mode="fill", fill_value=0)
+    y_GSd = jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), routing.weight)
+    return y_GSd.astype(x_GSd.dtype)
+
+
+def _ragged_grouped(x_Rd, rows_E, experts):
+    """Expert FFN on expert-major rows with jax.lax.ragged_dot (rows past sum(rows_E) give 0)."""
+    dt = experts.dtype
+    x_Rd = x_Rd.astype(dt)
+    h_Rf = jax.lax.ragged_dot(x_Rd, experts.wi.astype(dt), rows_E)
+    gate_Rf = None if experts.wi_gate is None else jax.lax.ragged_dot(x_Rd, experts.wi_gate.astype(dt), rows_E)
+    h_Rf = experts.hidden(h_Rf, gate_Rf, experts.dropout_rng)
+    return jax.lax.ragged_dot(h_Rf, experts.wo.astype(dt), rows_E)
+
+
+def _block_grouped(x_Rd, padded_E, experts, block_size):
+    """Expert FFN on expert-major rows padded per expert to whole blocks: one block, one expert.
+
+    A scan over the static number of blocks; block i slices its expert's weights and runs the FFN on
+    `block_size` rows, and blocks past the last used one are skipped. FLOPs are those of the kept rows
+    plus at most E * (block_size - 1) padding rows, against E times the rows for a dense masked matmul.
+    """
+    num_rows, d = x_Rd.shape
+    num_blocks = num_rows // block_size
+    E = experts.num_experts
+    block_end_E = jnp.cumsum(padded_E) // block_size
+    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
+    expert_B = jnp.minimum(jnp.searchsorted(block_end_E, blocks, side="right"), E - 1).astype(jnp.int32)
+    used_B = blocks < block_end_E[-1]
+    dt = experts.dtype
+    wi, wo = experts.wi.astype(dt), experts.wo.astype(dt)
+    wi_gate = None if experts.wi_gate is None else experts.wi_gate.astype(dt)
+    x_Bbd = x_Rd.astype(dt).reshape(num_blocks, block_size, d)
+
+    def ffn(x_bd, e, i):
+        h_bf = x_bd @ wi[e]
+        gate_bf = None if wi_gate is None else x_bd @ wi_gate[e]
+        rng = None if experts.dropout_rng is None else jax.random.fold_in(experts.dropout_rng, i)
+        return experts.hidden(h_bf, gate_bf, rng) @ wo[e]
+
+    def body(_, inputs):
+        x_bd, e, used, i = inputs
+        y_bd = jax.lax.cond(used, ffn, lambda x_bd, e, i: jnp.zeros_like(x_bd), x_bd, e, i)
+        return None, y_bd
+
+    _, y_Bbd = jax.lax.scan(body, None, (x_Bbd, expert_B, used_B, blocks))
+    return y_Bbd.reshape(num_rows, d)

@@ -1,0 +1,282 @@
+"""`MoeLayer`: a sparse Mixture-of-Experts feed-forward layer (flax.nnx).
+
+    layer = MoeLayer(d_model=64, d_ff=256, num_experts=8, rngs=nnx.Rngs(0))
+    y_BLd, aux = layer(x_BLd)                     # aux: unscaled losses and routing metrics
+
+The layer holds parameters only; how a token picks its expert is routing.py, how it travels there is
+dispatch.py. One call:
+
+  x [B, L, d] -> groups [G, S, d]        S = group_size tokens, whole sequences in order (see `_groups`)
+  router logits [G, S, E] in `router_dtype` (float32 by default: Switch selective precision)
+  Routing = routing.route_*(...)          capacity from routing.expert_capacity (train or eval factor)
+  y = dispatch.apply_experts(dispatcher, x, routing, experts) (+ shared experts) -> dropout -> [B, L, d]
+
+A token dropped by every choice gets exactly 0 from the routed experts; in the model it passes through
+the residual connection. Padding tokens are never routed and count in no loss or metric.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moe_jax import dispatch, routing
+
+Array = jax.Array
+
+ROUTERS = ("top_k", "expert_choice", "hash", "noisy_top_k", "bias_balanced")
+
+
+class BalancingBias(nnx.Variable):
+    """DeepSeek-V3 per-expert selection bias: not a Param, changed only by `update_router_biases`."""
+
+
+class HashTable(nnx.Variable):
+    """Fixed token-id -> expert map of the hash router (never trained)."""
+
+
+def _switch_init(rngs: nnx.Rngs, shape, names, scale: float, *, batch_axis=()) -> nnx.Param:
+    """Truncated normal, std sqrt(scale / fan_in) (Switch Transformer), float32, logical axis names."""
+    init = jax.nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+                                                batch_axis=batch_axis)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names, eager_sharding=False)
+
+
+class MoeLayer(nnx.Module):
+    """Router + E stacked experts (+ shared experts). See the module docstring.
+
+    Args (keyword only):
+      d_model, d_ff: model and expert hidden width (each expert is a d_model -> d_ff -> d_model FFN).
+      num_experts: E. k: choices per token (token-choice routers); for expert choice, the average number of
+        experts per token that sets the capacity.
+      router: 'top_k' | 'expert_choice' | 'hash' | 'noisy_top_k' | 'bias_balanced'.
+      dispatcher: 'einsum' | 'index' | 'dropless' (dropless routes with no capacity).
+      capacity_factor / eval_capacity_factor: training / `deterministic=True` capacity factor.
+      group_size: tokens per routing group (S). Groups hold whole sequences in order, or a sequence is cut
+        into group_size pieces: group_size must divide B*L and be a multiple or a divisor of L.
+      min_capacity: lower bound on slots per expert per group.
+      activation: 'relu' | 'gelu' | 'swiglu' | 'geglu'.
+      num_shared_experts: always-on dense FFNs of width d_ff added to the routed output.
+      init_scale: Switch init scale (std = sqrt(init_scale / fan_in)) for experts and router.
+      jitter: multiplicative router-input jitter U(1 - jitter, 1 + jitter) in training.
+      expert_dropout: dropout on the experts' hidden units; dropout: on the layer output.
+      normalize: renormalise the top-k weights (Mixtral). batch_prioritized: BPR slot priority (encoders).
+      vocab_size: needed by the hash router. bias_update_rate: step of the bias_balanced bias update.
+      router_dtype: dtype of the router matmul (float32 default). dtype: compute dtype of the experts.
+    """
+
+    def __init__(self, *, d_model: int, d_ff: int, num_experts: int, k: int = 1, router: str = "top_k",
+                 dispatcher: str = "einsum", capacity_factor: float = 1.25, eval_capacity_factor: float = 2.0,
+                 group_size: int = 1024, min_capacity: int = 1, activation: str = "relu",
+                 num_shared_experts: int = 0, init_scale: float = 0.1, jitter: float = 0.0,
+                 expert_dropout: float = 0.0, dropout: float = 0.0, normalize: bool = False,
+                 batch_prioritized: bool = False, vocab_size: Optional[int] = None,
+                 bias_update_rate: float = 1e-3, router_dtype=jnp.float32, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        dispatch.check_dispatcher(dispatcher)
+        dispatch.check_activation(activation)
+        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts),
+                            ("group_size", group_size), ("min_capacity", min_capacity)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= num_experts:
+            raise ValueError(f"k must be an integer in [1, num_experts={num_experts}], got {k!r}")
+        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        for name, value in (("expert_dropout", expert_dropout), ("dropout", dropout), ("jitter", jitter)):
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
+        if router == "hash" and not vocab_size:
+            raise ValueError("router='hash' needs vocab_size (the token-id -> expert table size)")
+
+        self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
+        self.router, self.dispatcher, self.activation = router, dispatcher, activation
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.group_size, self.min_capacity = group_size, min_capacity
+        self.jitter, self.expert_dropout = jitter, expert_dropout
+        self.normalize, self.batch_prioritized = normalize, batch_prioritized
+        self.bias_update_rate = bias_update_rate
+        self.router_dtype, self.dtype = router_dtype, dtype
+        E, d, f = num_experts, d_model, d_ff
+        gated = activation in ("swiglu", "geglu")
+
+        if router == "hash":
+            self.hash_table = HashTable(jnp.asarray(routing.hash_expert_table(vocab_size, E)))
+        else:
+            self.router_kernel = _switch_init(rngs, (d, E), ("embed", None), init_scale)
+        if router == "noisy_top_k":
+            # Shazeer et al. 2017 start the noise kernel at zero: softplus(0) = 0.69 noise, no signal.
+            self.noise_kernel = nnx.Param(jnp.zeros((d, E), jnp.float32), out_sharding=("embed", None),
+                                          eager_sharding=False)
+        if router == "bias_balanced":
+            self.selection_bias = BalancingBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,),
+                                                eager_sharding=False)
+
+        self.wi = _switch_init(rngs, (E, d, f), ("expert", "embed", "mlp"), init_scale, batch_axis=0)
+        self.wi_gate = (_switch_init(rngs, (E, d, f), ("expert", "embed", "mlp"), init_scale, batch_axis=0)
+                        if gated else nnx.data(None))
+        self.wo = _switch_init(rngs, (E, f, d), ("expert", "mlp", "embed"), init_scale, batch_axis=0)
+
+        self.num_shared_experts = num_shared_experts
+        if num_shared_experts:
+            # n shared FFNs of width f summed == one FFN of width n * f.
+            fs = num_shared_experts * f
+            self.shared_wi = _switch_init(rngs, (d, fs), ("embed", "mlp"), init_scale)
+            self.shared_wi_gate = (_switch_init(rngs, (d, fs), ("embed", "mlp"), init_scale)
+                                   if gated else nnx.data(None))
+            self.shared_wo = _switch_init(rngs, (fs, d), ("mlp", "embed"), init_scale)
+
+        self.output_dropout = nnx.Dropout(dropout, rngs=rngs)
+        needs_rng = jitter > 0 or expert_dropout > 0 or router == "noisy_top_k"
+        self.rng = rngs["dropout"].fork() if needs_rng else nnx.data(None)
+
+    # ----------------------------------------------------------------------------------------- call
+
+    def __call__(self, x_BLd: Array, *, padding_mask: Optional[Array] = None, token_ids: Optional[Array] = None,
+                 deterministic: bool = False) -> tuple[Array, dict]:
+        """[B, L, d] -> ([B, L, d] in `dtype`, aux).
+
+        Args:
+          x_BLd: tokens.
+          padding_mask: [B, L] bool, True for real tokens (None: all real).
+          token_ids: [B, L] int, needed by the hash router.
+          deterministic: evaluation: eval capacity factor, no jitter, router noise or dropout.
+
+        Returns:
+          y and aux, a dict of float32 arrays (unscaled): `load_balancing_loss`, `router_z_loss`,
+          `dropped_fraction`, `expert_load` [E], `load_cv`, `router_entropy`, `top1_prob`, and for
+          noisy_top_k `importance_loss`, `load_loss`.
+        """
+        B, L, d = x_BLd.shape
+        S = _check_group_size(self.group_size, B, L)
+        G = B * L // S
+        x_GSd = x_BLd.reshape(G, S, d).astype(self.dtype)
+        mask_GS = None if padding_mask is None else padding_mask.reshape(G, S).astype(bool)
+        cf = self.eval_capacity_factor if deterministic else self.capacity_factor
+        capacity = routing.expert_capacity(S, self.num_experts, cf, k=self.k, min_capacity=self.min_capacity)
+        if self.dispatcher == "dropless":
+            capacity = None
+
+        route, probs_GSE, losses = self._route(x_GSd, mask_GS, token_ids, capacity, G, S, deterministic)
+
+        experts = dispatch.ExpertFFN(
+            wi=self.wi[...], wo=self.wo[...], wi_gate=None if self.wi_gate is None else self.wi_gate[...],
+            dropout_rng=None if deterministic or self.expert_dropout == 0 else self.rng(),
+            activation=self.activation, dropout_rate=self.expert_dropout, dtype=self.dtype)
+        y_GSd = dispatch.apply_experts(self.dispatcher, x_GSd, route, experts)
+        if self.num_shared_experts:
+            y_GSd = y_GSd + self._shared(x_GSd)
+        y_BLd = self.output_dropout(y_GSd.reshape(B, L, d), deterministic=deterministic)
+
+        aux = dict(losses)
+        aux.update(routing.routing_metrics(route, probs_GSE, mask_GS))
+        return y_BLd.astype(self.dtype), aux
+
+    def _route(self, x_GSd, mask_GS, token_ids, capacity, G, S, deterministic):
+        """-> (Routing, router probabilities [G, S, E] float32, {loss name: scalar})."""
+        E = self.num_experts
+        zero = jnp.zeros((), jnp.float32)
+        if self.router == "hash":
+            if token_ids is None:
+                raise ValueError("router='hash' needs token_ids [B, L] in the call")
+            token_ids_GS = token_ids.reshape(G, S)
+            route = routing.route_hash(token_ids_GS, expert_of_token=self.hash_table[...], num_experts=E,
+                                       capacity=capacity, padding_mask=mask_GS)
+            # No learned router: the "probabilities" are the fixed choice, and there is nothing to balance.
+            probs_GSE = jax.nn.one_hot(route.expert_index[..., 0], E, dtype=jnp.float32)
+            return route, probs_GSE, {"load_balancing_loss": zero, "router_z_loss": zero}
+
+        train = not deterministic
+        router_in_GSd = x_GSd
+        if train and self.jitter > 0:
+            router_in_GSd = routing.jitter(x_GSd, self.rng(), self.jitter)
+        logits_GSE = self._router_logits(router_in_GSd, self.router_kernel[...])
+        probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+        losses = {"load_balancing_loss": zero, "router_z_loss": routing.router_z_loss(logits_GSE, mask_GS)}
+
+        if self.router == "expert_choice":
+            capacity = min(S, routing.expert_capacity(S, E, self.eval_capacity_factor if deterministic else
+                                                      self.capacity_factor, k=self.k,
+                                                      min_capacity=self.min_capacity))
+            return routing.route_expert_choice(logits_GSE, capacity=capacity, padding_mask=mask_GS), probs_GSE, \
+                losses
+        if self.router == "noisy_top_k":
+            stddev_GSE = jax.nn.softplus(self._router_logits(router_in_GSd, self.noise_kernel[...]))
+            route, noisy_losses = routing.route_noisy_top_k(
+                logits_GSE, stddev_GSE, k=self.k, capacity=capacity, rng=self.rng() if train else None,
+                padding_mask=mask_GS)
+            losses.update(noisy_losses)
+        else:
+            bias = self.selection_bias[...] if self.router == "bias_balanced" else None
+            route = routing.route_top_k(logits_GSE, k=self.k, capacity=capacity,
+                                        batch_prioritized=self.batch_prioritized, normalize=self.normalize,
+                                        padding_mask=mask_GS, selection_bias=bias)
+        losses["load_balancing_loss"] = routing.load_balancing_loss(probs_GSE, route.expert_index, mask_GS)
+        return route, probs_GSE, losses
+
+    def _router_logits(self, x_GSd, kernel_dE):
+        rdt = self.router_dtype
+        logits = jnp.einsum("GSd,dE->GSE", x_GSd.astype(rdt), kernel_dE.astype(rdt))
+        return logits.astype(jnp.float32)
+
+    def _shared(self, x_GSd):
+        dt = self.dtype
+        shared = dispatch.ExpertFFN(
+            wi=self.shared_wi[...][None], wo=self.shared_wo[...][None],
+            wi_gate=None if self.shared_wi_gate is None else self.shared_wi_gate[...][None],
+            activation=self.activation, dtype=dt)
+        G, S, d = x_GSd.shape
+        return shared(x_GSd.reshape(1, G * S, d)).reshape(G, S, d)
+
+    # ----------------------------------------------------------------------------------------- balancing
+
+    def update_bias(self, expert_load: Array) -> None:
+        """bias_balanced: `bias -= bias_update_rate * sign(load - mean load)` from the aux `expert_load`.
+
+        `expert_load` has the bias's shape ([E], or [layers, E] for a layer stack made by nnx.vmap).
+        """
+        if self.router != "bias_balanced":
+            raise ValueError(f"update_bias needs router='bias_balanced', this layer has router={self.router!r}")
+        bias = self.selection_bias[...]
+        load = jnp.asarray(expert_load)
+        if load.shape != bias.shape:
+            raise ValueError(f"expert_load must have the bias shape {bias.shape}, got {load.shape}")
+        E = self.num_experts
+        update = jax.vmap(lambda b, l: routing.update_balancing_bias(b, l, self.bias_update_rate))
+        self.selection_bias[...] = update(bias.reshape(-1, E), load.reshape(-1, E)).reshape(bias.shape)
+
+
+def update_router_biases(model: nnx.Module, expert_load: Array) -> None:
+    """Apply `MoeLayer.update_bias` to the bias_balanced MoE layer of `model` (outside the gradient).
+
+    Args:
+      model: any nnx module holding exactly one bias_balanced `MoeLayer` (a scanned layer stack counts as
+        one; its bias is [layers, E]).
+      expert_load: the aux `expert_load` of the last step, same shape as that layer's bias.
+    """
+    layers = [m for _, m in nnx.iter_graph(model)
+              if isinstance(m, MoeLayer) and m.router == "bias_balanced"]
+    if len(layers) != 1:
+        raise ValueError(f"update_router_biases expects one bias_balanced MoeLayer in the model, found "
+                         f"{len(layers)}; call MoeLayer.update_bias on each layer with its own load")
+    layers[0].update_bias(expert_load)
+
+
+def _check_group_size(group_size: int, batch: int, length: int) -> int:
+    """S = group_size if the B*L tokens split into groups of whole sequences (or whole pieces of one)."""
+    num_tokens = batch * length
+    if num_tokens % group_size or (group_size % length and length % group_size):
+        raise ValueError(
+            f"group_size={group_size} does not fit the {num_tokens} tokens (batch {batch} x length {length}): "
+            f"it must divide {num_tokens} and be a multiple of the length {length} (groups of whole "
+            f"sequences) or a divisor of it (a sequence cut into groups)")
+    return group_size
