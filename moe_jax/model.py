@@ -19,7 +19,6 @@ dim), "mlp", "expert", and "layers" for the scanned axis. sharding.py maps them 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import jax

@@ -149,9 +149,9 @@ def test_constrain_is_a_no_op_without_a_mesh():
 # --------------------------------------------------------------------------------------------- forward
 
 
-@pytest.mark.parametrize("moe", [dict(num_experts=0), dict(num_experts=4, every=2, group_size=L)],
-                         ids=["dense", "moe"])
-def test_sharded_forward_equals_one_device(eight_devices, moe):
+@pytest.mark.parametrize("moe, fsdp", [(dict(num_experts=0), False),
+                                       (dict(num_experts=4, every=2, group_size=L), True)], ids=["dense", "moe_fsdp"])
+def test_sharded_forward_equals_one_device(eight_devices, moe, fsdp):
     """Jitted forward with params and batch sharded over a (2, 2, 2) mesh == the unsharded forward.
 
     Tolerance 1e-5 (float32): sharding over 'model' splits contractions into partial sums reduced across
@@ -175,7 +175,7 @@ def test_sharded_forward_equals_one_device(eight_devices, moe):
 
     expected_logits, expected_aux = jax.jit(forward)(state, batch)
 
-    shardings = S.param_shardings(state, mesh)
+    shardings = S.param_shardings(state, mesh, S.logical_axis_rules(fsdp=fsdp))
     sharded_state = jax.device_put(state, shardings)
     sharded_batch = S.shard_batch(batch, mesh)
     with jax.set_mesh(mesh):
