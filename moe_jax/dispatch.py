@@ -23,7 +23,7 @@ drops, dropless therefore equals the capacity paths. A dropped assignment contri
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Optional
 
 import jax
@@ -161,8 +161,14 @@ def _einsum_dispatch(x_GSd, routing, experts, transport_dtype):
     x_ENd = x_EGCd.reshape(E, num_groups * C, d)
     y_ENd = experts(x_ENd)
     y_EGCd = y_ENd.reshape(E, num_groups, C, d)
-    combine_GSEC = routing.combine_tensor().astype(td)
-    y_GSd = jnp.einsum("GSEC,EGCd->GSd", combine_GSEC, y_EGCd.astype(td), preferred_element_type=jnp.float32)
+    if routing.num_choices == 1:
+        # One choice per token: read back with the 0/1 dispatch tensor and weight per token. Same numbers as
+        # the combine tensor, but the weight gradient is a [G, S] product instead of a third GSEC einsum.
+        y_GSd = jnp.einsum("GSEC,EGCd->GSd", dispatch_GSEC, y_EGCd.astype(td), preferred_element_type=jnp.float32)
+        y_GSd = y_GSd * routing.weight[..., 0, None]
+    else:
+        combine_GSEC = routing.combine_tensor().astype(td)
+        y_GSd = jnp.einsum("GSEC,EGCd->GSd", combine_GSEC, y_EGCd.astype(td), preferred_element_type=jnp.float32)
     return y_GSd.astype(x_GSd.dtype)
 
 
@@ -194,54 +200,71 @@ def _index_dispatch(x_GSd, routing, experts):
 # --------------------------------------------------------------------------------------------- dropless
 
 
-def _expert_major_rows(routing: Routing, block_size: int):
-    """Rows of the kept assignments in expert-major order, each expert's run padded to `block_size` rows.
+def _expert_major_rows(routing: Routing, block_size: int, base: int):
+    """Rows of the kept assignments, expert-major: a dense part of `base` rows per expert, then the rest.
 
-    Within an expert, assignments go group by group and, inside a group, by slot. Slots of an expert in a
-    group are 0..n-1 (as every router in routing.py hands them out), so the rows are dense.
+    An expert's assignments are ranked group by group and, inside a group, by slot (slots of an expert in a
+    group are 0..n-1, as every router in routing.py hands them out). Rank r < base goes to row e*base + r of
+    the dense part [E, base]; the others to the overflow part after it, where each expert's overflow run is
+    padded to whole blocks of `block_size` rows.
 
     Returns:
       row_GSK [G, S, K] int32: row of each kept assignment; `num_rows` (out of range) where not kept.
-      rows_E [E] int32: kept assignments per expert.
-      padded_E [E] int32: rows_E rounded up to whole blocks.
-      num_rows: static row count, a multiple of block_size, ceil((G*S*K + E*(block_size-1)) / block_size)
-        blocks: an upper bound on sum(padded_E) for any routing.
+      over_E [E] int32: overflow rows per expert (unpadded).
+      padded_E [E] int32: over_E rounded up to whole blocks.
+      num_rows: static, E*base + a multiple of block_size bounding the padded overflow for any routing
+        (an overflowing expert has more than base rows, so the overflow is at most G*S*K - base).
     """
     num_groups, _, num_choices = routing.expert_index.shape
     E = routing.num_experts
     kept_GSK = routing.kept
     e_GSK = jnp.where(kept_GSK, routing.expert_index, E)
-    counts_GE = jnp.zeros((num_groups, E + 1), jnp.int32).at[
-        jnp.arange(num_groups)[:, None, None], e_GSK].add(1)[:, :E]
-    rows_E = counts_GE.sum(axis=0)
-    padded_E = -(-rows_E // block_size) * block_size
-    start_E = jnp.cumsum(padded_E) - padded_E
+    g_GSK = jnp.arange(num_groups)[:, None, None]
+    counts_GE = jnp.zeros((num_groups, E + 1), jnp.int32).at[g_GSK, e_GSK].add(1)[:, :E]
+    over_E = jnp.maximum(counts_GE.sum(axis=0) - base, 0)
+    padded_E = -(-over_E // block_size) * block_size
+    start_E = E * base + jnp.cumsum(padded_E) - padded_E
     group_offset_GE = jnp.cumsum(counts_GE, axis=0) - counts_GE
     e_safe_GSK = jnp.minimum(e_GSK, E - 1)
-    g_GSK = jnp.arange(num_groups)[:, None, None]
-    row_GSK = (start_E[e_safe_GSK] + group_offset_GE[g_GSK, e_safe_GSK] + routing.slot)
-    num_assignments = routing.expert_index.size
-    num_rows = -(-(num_assignments + E * (block_size - 1)) // block_size) * block_size
+    rank_GSK = group_offset_GE[g_GSK, e_safe_GSK] + routing.slot
+    row_GSK = jnp.where(rank_GSK < base, e_safe_GSK * base + rank_GSK, start_E[e_safe_GSK] + rank_GSK - base)
+    max_overflow = max(routing.expert_index.size - base, 0)
+    num_rows = E * base + -(-(max_overflow + E * (block_size - 1)) // block_size) * block_size
     row_GSK = jnp.where(kept_GSK, row_GSK, num_rows).astype(jnp.int32)
-    return row_GSK, rows_E, padded_E, num_rows
+    return row_GSK, over_E, padded_E, num_rows
 
 
 def _dropless_dispatch(x_GSd, routing, experts, grouped_matmul, block_size):
+    """Kept assignments in expert-major rows, the expert FFN as a grouped matmul, back and weighted.
+
+    'ragged': one ragged_dot per kernel over the exactly-sized expert runs.
+    'blocks' (CPU): the first A/E rows of every expert (A = G*S*K; all of them under perfect balance) as
+    one batched [E, A/E, d] matmul; rows beyond that, of overloaded experts, by `_block_grouped`. Empty
+    dense rows of underloaded experts cost as much as the overflow, so the waste is about twice the
+    imbalance, plus at most E * (block_size - 1) padding rows.
+    """
     if grouped_matmul not in ("ragged", "blocks"):
         raise ValueError(f"grouped_matmul must be 'ragged' or 'blocks', got {grouped_matmul!r}")
     num_groups, group_size, d = x_GSd.shape
     num_tokens = num_groups * group_size
+    E = routing.num_experts
+    base = 0 if grouped_matmul == "ragged" else routing.expert_index.size // E
     block = 1 if grouped_matmul == "ragged" else block_size
-    row_GSK, rows_E, padded_E, num_rows = _expert_major_rows(routing, block)
+    row_GSK, over_E, padded_E, num_rows = _expert_major_rows(routing, block, base)
     token_GSK = jnp.broadcast_to(
         jnp.arange(num_tokens, dtype=jnp.int32).reshape(num_groups, group_size, 1), row_GSK.shape)
     token_of_row = jnp.full((num_rows,), num_tokens, jnp.int32).at[row_GSK.reshape(-1)].set(
         token_GSK.reshape(-1), mode="drop", unique_indices=True)
     x_Rd = x_GSd.reshape(num_tokens, d).at[token_of_row].get(mode="fill", fill_value=0)
     if grouped_matmul == "ragged":
-        y_Rd = _ragged_grouped(x_Rd, rows_E, experts)
+        y_Rd = _ragged_grouped(x_Rd, over_E, experts)
     else:
-        y_Rd = _block_grouped(x_Rd, padded_E, experts, block_size)
+        x_ENd = x_Rd[:E * base].reshape(E, base, d)
+        y_dense = experts(x_ENd).reshape(E * base, d)
+        overflow = experts if experts.dropout_rng is None else dataclasses.replace(
+            experts, dropout_rng=jax.random.fold_in(experts.dropout_rng, 1))
+        y_over = _block_grouped(x_Rd[E * base:], padded_E, overflow, block_size)
+        y_Rd = jnp.concatenate([y_dense.astype(y_over.dtype), y_over])
     y_GSKd = y_Rd.at[row_GSK].get(mode="fill", fill_value=0)
     y_GSd = jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), routing.weight)
     return y_GSd.astype(x_GSd.dtype)
@@ -260,11 +283,12 @@ def _ragged_grouped(x_Rd, rows_E, experts):
 def _block_grouped(x_Rd, padded_E, experts, block_size):
     """Expert FFN on expert-major rows padded per expert to whole blocks: one block, one expert.
 
-    A scan over the static number of blocks; block i slices its expert's weights and runs the FFN on
-    `block_size` rows, and blocks past the last used one are skipped. FLOPs are those of the kept rows
-    plus at most E * (block_size - 1) padding rows, against E times the rows for a dense masked matmul.
+    FLOPs are those of the kept rows plus at most E * (block_size - 1) padding rows, against E times the
+    rows for the dense masked matmul that ragged_dot becomes on CPU. Each matmul is a `_block_matmul`.
     """
     num_rows, d = x_Rd.shape
+    if num_rows == 0:
+        return jnp.zeros((0, d), experts.dtype)
     num_blocks = num_rows // block_size
     E = experts.num_experts
     block_end_E = jnp.cumsum(padded_E) // block_size
@@ -272,20 +296,54 @@ def _block_grouped(x_Rd, padded_E, experts, block_size):
     expert_B = jnp.minimum(jnp.searchsorted(block_end_E, blocks, side="right"), E - 1).astype(jnp.int32)
     used_B = blocks < block_end_E[-1]
     dt = experts.dtype
-    wi, wo = experts.wi.astype(dt), experts.wo.astype(dt)
-    wi_gate = None if experts.wi_gate is None else experts.wi_gate.astype(dt)
-    x_Bbd = x_Rd.astype(dt).reshape(num_blocks, block_size, d)
+    x_Rd = x_Rd.astype(dt)
+    h_Rf = _block_matmul(x_Rd, experts.wi.astype(dt), expert_B, used_B, block_size)
+    gate_Rf = (None if experts.wi_gate is None else
+               _block_matmul(x_Rd, experts.wi_gate.astype(dt), expert_B, used_B, block_size))
+    h_Rf = experts.hidden(h_Rf, gate_Rf, experts.dropout_rng)
+    return _block_matmul(h_Rf, experts.wo.astype(dt), expert_B, used_B, block_size)
 
-    def ffn(x_bd, e, i):
-        h_bf = x_bd @ wi[e]
-        gate_bf = None if wi_gate is None else x_bd @ wi_gate[e]
-        rng = None if experts.dropout_rng is None else jax.random.fold_in(experts.dropout_rng, i)
-        return experts.hidden(h_bf, gate_bf, rng) @ wo[e]
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _block_matmul(x_Rd, w_Edf, expert_B, used_B, block_size):
+    """y[rows of block i] = x[rows of block i] @ w[expert_B[i]]; 0 for blocks with used_B[i] False.
+
+    A scan over blocks, the block's weights sliced dynamically, unused blocks skipped by lax.cond. The
+    custom VJP keeps the weight gradient a single [E, d, f] loop carry updated in place per block (scan's
+    own transpose would add a full-size [E, d, f] cotangent every iteration).
+    """
+    num_rows, d = x_Rd.shape
+    f = w_Edf.shape[-1]
+    x_Bbd = x_Rd.reshape(num_rows // block_size, block_size, d)
 
     def body(_, inputs):
-        x_bd, e, used, i = inputs
-        y_bd = jax.lax.cond(used, ffn, lambda x_bd, e, i: jnp.zeros_like(x_bd), x_bd, e, i)
-        return None, y_bd
+        x_bd, e, used = inputs
+        y_bf = jax.lax.cond(used, lambda: x_bd @ w_Edf[e], lambda: jnp.zeros((block_size, f), x_bd.dtype))
+        return None, y_bf
 
-    _, y_Bbd = jax.lax.scan(body, None, (x_Bbd, expert_B, used_B, blocks))
-    return y_Bbd.reshape(num_rows, d)
+    _, y_Bbf = jax.lax.scan(body, None, (x_Bbd, expert_B, used_B))
+    return y_Bbf.reshape(num_rows, f)
+
+
+def _block_matmul_fwd(x_Rd, w_Edf, expert_B, used_B, block_size):
+    return _block_matmul(x_Rd, w_Edf, expert_B, used_B, block_size), (x_Rd, w_Edf, expert_B, used_B)
+
+
+def _block_matmul_bwd(block_size, residuals, dy_Rf):
+    x_Rd, w_Edf, expert_B, used_B = residuals
+    num_rows, d = x_Rd.shape
+    dx_Rd = _block_matmul(dy_Rf, jnp.swapaxes(w_Edf, 1, 2), expert_B, used_B, block_size)
+    num_blocks = num_rows // block_size
+
+    def body(dw_Edf, inputs):
+        x_bd, dy_bf, e, used = inputs
+        dw_Edf = jax.lax.cond(used, lambda dw: dw.at[e].add(x_bd.T @ dy_bf), lambda dw: dw, dw_Edf)
+        return dw_Edf, None
+
+    dw_Edf, _ = jax.lax.scan(body, jnp.zeros(w_Edf.shape, w_Edf.dtype),
+                             (x_Rd.reshape(num_blocks, block_size, d),
+                              dy_Rf.reshape(num_blocks, block_size, dy_Rf.shape[-1]), expert_B, used_B))
+    return dx_Rd, dw_Edf, None, None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
