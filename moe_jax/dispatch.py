@@ -89,17 +89,21 @@ class ExpertFFN:
 
     def hidden(self, h: Array, gate: Optional[Array], rng: Optional[Array]) -> Array:
         """Activation (gated where `gate` is given) and expert dropout on the hidden units."""
-        if self.activation == "relu":
-            h = jax.nn.relu(h)
-        elif self.activation == "gelu":
-            h = jax.nn.gelu(h)
-        else:
-            act = jax.nn.silu if self.activation == "swiglu" else jax.nn.gelu
-            h = act(gate) * h
-        if self.dropout_rate > 0 and rng is not None:
-            keep = jax.random.bernoulli(rng, 1.0 - self.dropout_rate, h.shape)
-            h = jnp.where(keep, h / (1.0 - self.dropout_rate), 0).astype(h.dtype)
-        return h
+        return _hidden(h, gate, rng, self.activation, self.dropout_rate)
+
+
+def _hidden(h, gate, rng, activation, dropout_rate):
+    if activation == "relu":
+        h = jax.nn.relu(h)
+    elif activation == "gelu":
+        h = jax.nn.gelu(h)
+    else:
+        act = jax.nn.silu if activation == "swiglu" else jax.nn.gelu
+        h = act(gate) * h
+    if dropout_rate > 0 and rng is not None:
+        keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, h.shape)
+        h = jnp.where(keep, h / (1.0 - dropout_rate), 0).astype(h.dtype)
+    return h
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -113,7 +117,7 @@ def apply_experts(
     *,
     transport_dtype=None,
     grouped_matmul: Optional[str] = None,
-    block_size: int = 256,
+    block_size: int = 64,
 ) -> Array:
     """Send every kept (token, choice) of `routing` through its expert and combine: [G, S, d] -> [G, S, d].
 
@@ -283,8 +287,8 @@ def _ragged_grouped(x_Rd, rows_E, experts):
 def _block_grouped(x_Rd, padded_E, experts, block_size):
     """Expert FFN on expert-major rows padded per expert to whole blocks: one block, one expert.
 
-    FLOPs are those of the kept rows plus at most E * (block_size - 1) padding rows, against E times the
-    rows for the dense masked matmul that ragged_dot becomes on CPU. Each matmul is a `_block_matmul`.
+    FLOPs are those of the used blocks only (the row count is a static bound; blocks past the last used
+    one are never touched), against E times the rows for the dense masked matmul ragged_dot is on CPU.
     """
     num_rows, d = x_Rd.shape
     if num_rows == 0:
@@ -294,56 +298,67 @@ def _block_grouped(x_Rd, padded_E, experts, block_size):
     block_end_E = jnp.cumsum(padded_E) // block_size
     blocks = jnp.arange(num_blocks, dtype=jnp.int32)
     expert_B = jnp.minimum(jnp.searchsorted(block_end_E, blocks, side="right"), E - 1).astype(jnp.int32)
-    used_B = blocks < block_end_E[-1]
     dt = experts.dtype
-    x_Rd = x_Rd.astype(dt)
-    h_Rf = _block_matmul(x_Rd, experts.wi.astype(dt), expert_B, used_B, block_size)
-    gate_Rf = (None if experts.wi_gate is None else
-               _block_matmul(x_Rd, experts.wi_gate.astype(dt), expert_B, used_B, block_size))
-    h_Rf = experts.hidden(h_Rf, gate_Rf, experts.dropout_rng)
-    return _block_matmul(h_Rf, experts.wo.astype(dt), expert_B, used_B, block_size)
+    weights = tuple(None if w is None else w.astype(dt) for w in (experts.wi, experts.wo, experts.wi_gate))
+    spec = (block_size, experts.activation, experts.dropout_rate)
+    return _block_ffn(spec, x_Rd.astype(dt), weights, expert_B, block_end_E[-1], experts.dropout_rng)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _block_matmul(x_Rd, w_Edf, expert_B, used_B, block_size):
-    """y[rows of block i] = x[rows of block i] @ w[expert_B[i]]; 0 for blocks with used_B[i] False.
+def _ffn_block(spec, x_bd, wi_df, wo_fd, wg_df, rng):
+    _, activation, rate = spec
+    gate = None if wg_df is None else x_bd @ wg_df
+    return _hidden(x_bd @ wi_df, gate, rng, activation, rate) @ wo_fd
 
-    A scan over blocks, the block's weights sliced dynamically, unused blocks skipped by lax.cond. The
-    custom VJP keeps the weight gradient a single [E, d, f] loop carry updated in place per block (scan's
-    own transpose would add a full-size [E, d, f] cotangent every iteration).
+
+def _block_rng(rng, i):
+    return None if rng is None else jax.random.fold_in(rng, i)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _block_ffn(spec, x_Rd, weights, expert_B, num_used, rng):
+    """y[block i] = FFN_{expert_B[i]}(x[block i]) for blocks i < num_used; 0 for the later blocks.
+
+    A loop over the used blocks only (a dynamic trip count): each slices its expert's weights, keeps its
+    [block, f] hidden in cache and writes its rows in place. Such a loop has no automatic reverse mode, so
+    the VJP is written out: per block it recomputes the hidden (the overhead of one extra matmul, instead
+    of storing [rows, f]) and adds the weight gradients in place into one [E, d, f] buffer each.
     """
-    num_rows, d = x_Rd.shape
-    f = w_Edf.shape[-1]
-    x_Bbd = x_Rd.reshape(num_rows // block_size, block_size, d)
+    block_size = spec[0]
+    wi, wo, wg = weights
 
-    def body(_, inputs):
-        x_bd, e, used = inputs
-        y_bf = jax.lax.cond(used, lambda: x_bd @ w_Edf[e], lambda: jnp.zeros((block_size, f), x_bd.dtype))
-        return None, y_bf
+    def body(i, y_Rd):
+        x_bd = jax.lax.dynamic_slice_in_dim(x_Rd, i * block_size, block_size)
+        e = expert_B[i]
+        y_bd = _ffn_block(spec, x_bd, wi[e], wo[e], None if wg is None else wg[e], _block_rng(rng, i))
+        return jax.lax.dynamic_update_slice_in_dim(y_Rd, y_bd, i * block_size, axis=0)
 
-    _, y_Bbf = jax.lax.scan(body, None, (x_Bbd, expert_B, used_B))
-    return y_Bbf.reshape(num_rows, f)
-
-
-def _block_matmul_fwd(x_Rd, w_Edf, expert_B, used_B, block_size):
-    return _block_matmul(x_Rd, w_Edf, expert_B, used_B, block_size), (x_Rd, w_Edf, expert_B, used_B)
+    return jax.lax.fori_loop(0, num_used, body, jnp.zeros(x_Rd.shape, x_Rd.dtype))
 
 
-def _block_matmul_bwd(block_size, residuals, dy_Rf):
-    x_Rd, w_Edf, expert_B, used_B = residuals
-    num_rows, d = x_Rd.shape
-    dx_Rd = _block_matmul(dy_Rf, jnp.swapaxes(w_Edf, 1, 2), expert_B, used_B, block_size)
-    num_blocks = num_rows // block_size
-
-    def body(dw_Edf, inputs):
-        x_bd, dy_bf, e, used = inputs
-        dw_Edf = jax.lax.cond(used, lambda dw: dw.at[e].add(x_bd.T @ dy_bf), lambda dw: dw, dw_Edf)
-        return dw_Edf, None
-
-    dw_Edf, _ = jax.lax.scan(body, jnp.zeros(w_Edf.shape, w_Edf.dtype),
-                             (x_Rd.reshape(num_blocks, block_size, d),
-                              dy_Rf.reshape(num_blocks, block_size, dy_Rf.shape[-1]), expert_B, used_B))
-    return dx_Rd, dw_Edf, None, None
+def _block_ffn_fwd(spec, x_Rd, weights, expert_B, num_used, rng):
+    return _block_ffn(spec, x_Rd, weights, expert_B, num_used, rng), (x_Rd, weights, expert_B, num_used, rng)
 
 
-_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+def _block_ffn_bwd(spec, residuals, dy_Rd):
+    x_Rd, weights, expert_B, num_used, rng = residuals
+    block_size = spec[0]
+    wi, wo, wg = weights
+
+    def body(i, grads):
+        dx_Rd, dwi, dwo, dwg = grads
+        x_bd = jax.lax.dynamic_slice_in_dim(x_Rd, i * block_size, block_size)
+        dy_bd = jax.lax.dynamic_slice_in_dim(dy_Rd, i * block_size, block_size)
+        e = expert_B[i]
+        block_fn = lambda x, a, b, c: _ffn_block(spec, x, a, b, c, _block_rng(rng, i))
+        _, vjp = jax.vjp(block_fn, x_bd, wi[e], wo[e], None if wg is None else wg[e])
+        dx_bd, dwi_e, dwo_e, dwg_e = vjp(dy_bd)
+        dx_Rd = jax.lax.dynamic_update_slice_in_dim(dx_Rd, dx_bd, i * block_size, axis=0)
+        return (dx_Rd, dwi.at[e].add(dwi_e), dwo.at[e].add(dwo_e),
+                None if wg is None else dwg.at[e].add(dwg_e))
+
+    zeros = lambda a: None if a is None else jnp.zeros(a.shape, a.dtype)
+    dx_Rd, dwi, dwo, dwg = jax.lax.fori_loop(0, num_used, body, (zeros(x_Rd), zeros(wi), zeros(wo), zeros(wg)))
+    return dx_Rd, (dwi, dwo, dwg), None, None, None
+
+
+_block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)
