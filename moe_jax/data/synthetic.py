@@ -69,6 +69,8 @@ class SyntheticCorpus:
         object.__setattr__(self, "alphabet_DM", alphabet.astype(np.int32) + NUM_SPECIAL)
         object.__setattr__(self, "successors_DCB", successors.astype(np.int32))
         object.__setattr__(self, "probs_DB", probs)
+        object.__setattr__(self, "_cdf_DB", np.cumsum(probs, axis=-1))
+        object.__setattr__(self, "_tables", [t.tolist() for t in successors.astype(np.int32)])  # fast lookups
 
     @classmethod
     def from_config(cls, config) -> "SyntheticCorpus":
@@ -106,16 +108,15 @@ class SyntheticCorpus:
         rng = np.random.default_rng([self.seed, 1 + stream, index])
         domain = int(rng.integers(self.num_domains))
         length = int(rng.geometric(self.stop_probability)) if self.stop_probability < 1 else 1
-        branch = np.searchsorted(np.cumsum(self.probs_DB[domain]), rng.random(length) * (1 - 1e-12),
+        branch = np.searchsorted(self._cdf_DB[domain], rng.random(length) * self._cdf_DB[domain, -1],
                                  side="right").tolist()
-        successors = self.successors_DCB[domain]
+        table = self._tables[domain]
         m = self.domain_vocab
         radix = (m + 1) ** (self.order - 1)
         context = sum(m * (m + 1) ** i for i in range(self.order))  # all BOS
         local = []
-        table = successors.tolist() if length > 64 else None
         for j in branch:
-            nxt = int(table[context][j]) if table is not None else int(successors[context, j])
+            nxt = table[context][j]
             local.append(nxt)
             context = (context % radix) * (m + 1) + nxt
         return self.alphabet_DM[domain][np.asarray(local, dtype=np.int64)].astype(np.int32), domain
