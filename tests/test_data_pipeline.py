@@ -139,3 +139,18 @@ def test_config_errors(tmp_path):
     cfg.source = "text"
     with pytest.raises(ValueError, match="'byte' or a SentencePiece"):
         data.make_tokenizer(cfg)
+
+
+def test_worker_processes_give_the_same_batches_and_resume():
+    cfg = data.default_config()
+    cfg.update(seq_len=16, batch_size=2)
+    expected = take(data.make_train_iterator(cfg, process_index=0, process_count=1), 4)
+    cfg.num_workers = 1
+    it = data.make_train_iterator(cfg, process_index=0, process_count=1)
+    assert_same(take(it, 2), expected[:2])
+    state = it.get_state()
+    resumed = data.make_train_iterator(cfg, process_index=0, process_count=1)
+    resumed.set_state(state)
+    assert_same(take(resumed, 2), expected[2:])
+    it.close()
+    resumed.close()

@@ -18,6 +18,10 @@ def config(**overrides):
     return cfg
 
 
+def train_iterator(cfg, process_index=0, process_count=1):
+    return data.make_train_iterator(cfg, process_index=process_index, process_count=process_count)
+
+
 def c4_lines(texts):
     return "".join(json.dumps({"text": t, "timestamp": "2019-04-25T12:57:54Z", "url": "https://x"}) + "\n"
                    for t in texts)
@@ -32,7 +36,7 @@ def test_jsonl_plain_gz_and_glob_in_c4_format(tmp_path):
     (tmp_path / "c4-train.00001-of-00002.json.gz").write_bytes(gzip.compress(c4_lines(["a b", "c d e"]).encode()))
     cfg = config(source="jsonl", paths=str(tmp_path / "c4-train.*"), seq_len=4)
     assert sorted(all_docs(cfg)) == sorted(["héllo", "world", "a b", "c d e"])
-    batch = next(data.make_train_iterator(cfg, process_index=0, process_count=1))
+    batch = next(train_iterator(cfg))
     assert batch["inputs"].shape == (2, 4)
 
 
@@ -54,7 +58,7 @@ def test_text_lines_and_paragraphs(tmp_path):
 def test_tfds_through_mock_data():
     cfg = config(source="tfds", tfds_name="c4/en:3.1.0", batch_size=2)
     with tfds.testing.mock_data(num_examples=20):
-        batches = [next(data.make_train_iterator(cfg, process_index=0, process_count=1))]
+        batches = [next(train_iterator(cfg))]
         batches += data.make_eval_batches(cfg, 2, process_index=0, process_count=1)
         texts = list(sources.load_texts(cfg, max_documents=3))
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
@@ -64,11 +68,10 @@ def test_tfds_through_mock_data():
 
 def test_tfds_unknown_name_and_missing_field():
     with pytest.raises(ValueError, match="no_such_dataset"):
-        data.make_train_iterator(config(source="tfds", tfds_name="no_such_dataset"), process_index=0,
-                                 process_count=1)
+        train_iterator(config(source="tfds", tfds_name="no_such_dataset"))
     with tfds.testing.mock_data(num_examples=4):
         with pytest.raises(KeyError, match="'body'.*url"):
-            data.make_train_iterator(config(source="tfds", text_field="body"), process_index=0, process_count=1)
+            train_iterator(config(source="tfds", text_field="body"))
 
 
 def test_empty_documents_skipped_and_counted_invalid_utf8_replaced_and_counted(tmp_path):
@@ -89,31 +92,26 @@ def test_empty_documents_skipped_and_counted_invalid_utf8_replaced_and_counted(t
 ])
 def test_path_errors_name_the_path(tmp_path, paths, error, message):
     with pytest.raises(error, match=message):
-        data.make_train_iterator(config(source="jsonl", paths=paths.format(tmp=tmp_path)), process_index=0,
-                                 process_count=1)
+        train_iterator(config(source="jsonl", paths=paths.format(tmp=tmp_path)))
 
 
 def test_missing_jsonl_field_and_bad_json_name_file_and_line(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n{"content": "b"}\n')
     with pytest.raises(KeyError, match="d.jsonl:2: no text field 'text'.*content"):
-        data.make_train_iterator(config(source="jsonl", paths=str(tmp_path / "d.jsonl")), process_index=0,
-                                 process_count=1)
+        train_iterator(config(source="jsonl", paths=str(tmp_path / "d.jsonl")))
     (tmp_path / "e.jsonl").write_text('{"text": "a"}\nnot json\n')
     with pytest.raises(ValueError, match="e.jsonl:2: not a JSON object"):
-        data.make_train_iterator(config(source="jsonl", paths=str(tmp_path / "e.jsonl")), process_index=0,
-                                 process_count=1)
+        train_iterator(config(source="jsonl", paths=str(tmp_path / "e.jsonl")))
 
 
 def test_too_small_for_one_batch_says_how_large(tmp_path):
     (tmp_path / "d.txt").write_text("tiny\nsmall\nwee\n")
     cfg = config(source="text", paths=str(tmp_path / "d.txt"), eval_fraction=0.0, batch_size=8, seq_len=64)
     with pytest.raises(ValueError, match=r"too small for one batch.*3 documents and 15 tokens.*needs 512"):
-        data.make_train_iterator(cfg, process_index=0, process_count=1)
+        train_iterator(cfg)
     (tmp_path / "e.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="no non-empty documents"):
-        data.make_train_iterator(config(source="text", paths=str(tmp_path / "e.txt")), process_index=0,
-                                 process_count=1)
+        train_iterator(config(source="text", paths=str(tmp_path / "e.txt")))
     (tmp_path / "f.txt").write_text("one\n")
     with pytest.raises(ValueError, match="1 documents, fewer than the 2 processes"):
-        data.make_train_iterator(config(source="text", paths=str(tmp_path / "f.txt"), eval_fraction=0.0),
-                                 process_index=0, process_count=2)
+        train_iterator(config(source="text", paths=str(tmp_path / "f.txt"), eval_fraction=0.0), process_count=2)

@@ -133,6 +133,10 @@ def make_train_iterator(config, *, process_index: Optional[int] = None,
     read = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch)
     ds = _batches(docs.to_iter_dataset(read), config, rows)
     if config.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app.run, use defaults
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
     return iter(ds)
 
