@@ -154,3 +154,15 @@ def test_worker_processes_give_the_same_batches_and_resume():
     assert_same(take(resumed, 2), expected[2:])
     it.close()
     resumed.close()
+
+
+def test_readme_data_snippet_runs(capsys):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("<!-- data:start -->"):readme.index("<!-- data:end -->")]
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "make_train_iterator" in b)
+    exec(compile(snippet, "README data snippet", "exec"), {})
+    vocab, floor = capsys.readouterr().out.split()
+    assert int(vocab) == 512 and abs(float(floor) - 1.135) < 1e-3
