@@ -82,7 +82,13 @@ def test_empty_documents_skipped_and_counted_invalid_utf8_replaced_and_counted(t
     docs = list(sources.text_dataset(cfg, "train"))
     assert sorted(docs) == ["bad \ufffd byte", "fine", "ok"]
     assert sources.STATS["empty_documents"] - before.get("empty_documents", 0) == 2
-    assert sources.STATS["invalid_utf8_documents"] - before.get("invalid_utf8_documents", 0) >= 1
+    assert sources.STATS["invalid_utf8_documents"] - before.get("invalid_utf8_documents", 0) == 1
+    (tmp_path / "t.txt").write_bytes(b"good\n\xfe\xffbad\nalso \xc3 bad\n\n")
+    cfg = config(source="text", paths=str(tmp_path / "t.txt"), eval_fraction=0.0)
+    before = dict(sources.STATS)
+    assert sorted(sources.text_dataset(cfg, "train")) == ["also \ufffd bad", "good", "\ufffd\ufffdbad"]
+    assert sources.STATS["invalid_utf8_documents"] - before.get("invalid_utf8_documents", 0) == 2
+    assert sources.STATS["empty_documents"] - before.get("empty_documents", 0) == 1
 
 
 @pytest.mark.parametrize("paths,error,message", [

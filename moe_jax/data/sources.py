@@ -74,11 +74,11 @@ def _jsonl_documents(path: epath.Path, field: str) -> Iterable[str]:
 
 
 def _text_documents(path: epath.Path, per: str) -> Iterable[str]:
-    text = decode_utf8(_read_bytes(path))
+    data = _read_bytes(path)
     if per == "line":
-        return text.splitlines()
+        return [decode_utf8(line) for line in data.splitlines()]
     if per == "paragraph":
-        return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")]
+        return [decode_utf8(p).strip() for p in data.replace(b"\r\n", b"\n").split(b"\n\n")]
     raise ValueError(f"data.text_document={per!r}: use 'line' or 'paragraph'")
 
 
