@@ -24,9 +24,10 @@ def test_floor_matches_monte_carlo_log_likelihood():
     assert abs(estimate - corpus.entropy_floor()) < 4 * stderr + 1e-3
 
 
-def test_floor_matches_plug_in_entropy_from_counts():
+@pytest.mark.parametrize("neighborhood", [0, 4])
+def test_floor_matches_plug_in_entropy_from_counts(neighborhood):
     """Independent of the generator's own probabilities: count next tokens per (domain, context)."""
-    corpus = small_corpus(mean_length=12.0)
+    corpus = small_corpus(mean_length=12.0, neighborhood=neighborhood)
     counts = collections.defaultdict(collections.Counter)
     for i in range(6000):
         tokens, domain = corpus.document(i)
@@ -36,6 +37,17 @@ def test_floor_matches_plug_in_entropy_from_counts():
     total = sum(sum(c.values()) for c in counts.values())
     plug_in = -sum(n * math.log(n / sum(c.values())) for c in counts.values() for n in c.values()) / total
     assert abs(plug_in - corpus.entropy_floor()) < 0.03
+
+
+def test_last_token_narrows_successors_to_its_neighborhood():
+    corpus = small_corpus(domain_vocab=10, neighborhood=5, branching=2)
+    m = corpus.domain_vocab
+    for d in range(corpus.num_domains):
+        for last in range(m + 1):
+            contexts = [c for c in range((m + 1) ** corpus.order) if c % (m + 1) == last]
+            union = set(corpus.successors_DCB[d, contexts].ravel().tolist())
+            assert len(union) == 5  # n candidates after this token, b = 2 of them per full context
+            assert all(len(set(corpus.successors_DCB[d, c].tolist())) == 2 for c in contexts)
 
 
 def test_formula_by_hand():
@@ -75,7 +87,8 @@ def test_default_config_floor_and_batches_carry_domains():
 
 
 @pytest.mark.parametrize("knob,value,message", [("order", 1, "order"), ("branching", 9, "branching"),
-                                                ("mean_length", 0.5, "mean_length")])
+                                                ("mean_length", 0.5, "mean_length"),
+                                                ("neighborhood", 2, "neighborhood")])
 def test_bad_knobs_name_themselves(knob, value, message):
     with pytest.raises(ValueError, match=message):
         small_corpus(**{knob: value})

@@ -4,8 +4,10 @@ Generator (all tables drawn once from `seed`):
   * token ids: 0 pad, 1 eos, 2 bos, 3..3+V-1 content tokens (`vocab_size` = V + 3 in total);
   * domain d owns a random subset A_d of m = `domain_vocab` content tokens (domains overlap only by chance);
   * for each context c (the previous k tokens of the document, BOS-padded at the start) domain d allows
-    `branching` = b distinct successors from A_d, in a random order, with branch probabilities p_d
-    (one Dirichlet(`alpha`) draw per domain, the same for all its contexts);
+    `branching` = b distinct successors, in a random order, with branch probabilities p_d (one
+    Dirichlet(`alpha`) draw per domain, the same for all its contexts); the successors are drawn from a
+    random `neighborhood` of n tokens of A_d that depends only on the last token, so the last token alone
+    narrows the next to n candidates and the whole context to b (a graded task: unigram, bigram, order k);
   * document i: domain d ~ Uniform(D), length N ~ Geometric(q), q = 1 / `mean_length` (N >= 1), tokens
     x_t = successor j_t of context (x_{t-k}..x_{t-1}), j_t ~ p_d i.i.d.; then EOS.
 
@@ -47,6 +49,7 @@ class SyntheticCorpus:
     mean_length: float
     alpha: float
     seed: int
+    neighborhood: int = 0  # 0 = domain_vocab (no bigram structure)
 
     def __post_init__(self):
         for name in ("num_domains", "content_vocab", "domain_vocab", "order", "branching"):
@@ -54,17 +57,23 @@ class SyntheticCorpus:
                 raise ValueError(f"data.synthetic.{name}={getattr(self, name)!r} must be a positive integer")
         if self.order < 2:
             raise ValueError(f"data.synthetic.order={self.order} must be >= 2")
-        if not self.branching <= self.domain_vocab <= self.content_vocab:
-            raise ValueError(f"need branching ({self.branching}) <= domain_vocab ({self.domain_vocab}) <= "
-                             f"content_vocab ({self.content_vocab})")
+        n = self.neighborhood or self.domain_vocab
+        if not self.branching <= n <= self.domain_vocab <= self.content_vocab:
+            raise ValueError(f"need branching ({self.branching}) <= neighborhood ({n}) <= domain_vocab "
+                             f"({self.domain_vocab}) <= content_vocab ({self.content_vocab})")
         if not self.mean_length >= 1:
             raise ValueError(f"data.synthetic.mean_length={self.mean_length} must be >= 1")
         rng = np.random.default_rng([self.seed, 0x5EED])
         m, k, b = self.domain_vocab, self.order, self.branching
         alphabet = np.stack([rng.choice(self.content_vocab, m, replace=False) for _ in range(self.num_domains)])
         contexts = (m + 1) ** k  # local ids 0..m-1 and m = BOS
-        # b distinct successors per context: the first b of a random permutation (argsort of noise).
-        successors = np.argsort(rng.random((self.num_domains, contexts, m)), axis=-1)[..., :b]
+        # Each (domain, last token) has a neighbourhood of n tokens; a context's b distinct successors are the
+        # first b of a random permutation of its last token's neighbourhood. So the last token alone narrows
+        # the next one to n (a bigram model gets part way), the full order-k context to b.
+        hoods = np.argsort(rng.random((self.num_domains, m + 1, m)), axis=-1)[..., :n]
+        pick = np.argsort(rng.random((self.num_domains, contexts, n)), axis=-1)[..., :b]
+        last = np.arange(contexts) % (m + 1)
+        successors = np.take_along_axis(hoods[:, last, :], pick, axis=-1)
         probs = rng.dirichlet([self.alpha] * b, size=self.num_domains)
         object.__setattr__(self, "alphabet_DM", alphabet.astype(np.int32) + NUM_SPECIAL)
         object.__setattr__(self, "successors_DCB", successors.astype(np.int32))
@@ -77,7 +86,8 @@ class SyntheticCorpus:
         s = config.synthetic
         return cls(num_domains=s.num_domains, content_vocab=s.vocab_size - NUM_SPECIAL,
                    domain_vocab=s.domain_vocab, order=s.order, branching=s.branching,
-                   mean_length=float(s.mean_length), alpha=float(s.alpha), seed=s.seed)
+                   mean_length=float(s.mean_length), alpha=float(s.alpha), seed=s.seed,
+                   neighborhood=s.get("neighborhood", 0))
 
     @property
     def vocab_size(self) -> int:
