@@ -263,12 +263,7 @@ def _dropless_dispatch(x_GSd, routing, experts, grouped_matmul, block_size):
     if grouped_matmul == "ragged":
         y_Rd = _ragged_grouped(x_Rd, over_E, experts)
     else:
-        x_ENd = x_Rd[:E * base].reshape(E, base, d)
-        y_dense = experts(x_ENd).reshape(E * base, d)
-        overflow = experts if experts.dropout_rng is None else dataclasses.replace(
-            experts, dropout_rng=jax.random.fold_in(experts.dropout_rng, 1))
-        y_over = _block_grouped(x_Rd[E * base:], padded_E, overflow, block_size)
-        y_Rd = jnp.concatenate([y_dense.astype(y_over.dtype), y_over])
+        y_Rd = _dense_and_block_grouped(x_Rd, base, padded_E, experts, block_size)
     y_GSKd = y_Rd.at[row_GSK].get(mode="fill", fill_value=0)
     y_GSd = jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), routing.weight)
     return y_GSd.astype(x_GSd.dtype)
@@ -284,81 +279,104 @@ def _ragged_grouped(x_Rd, rows_E, experts):
     return jax.lax.ragged_dot(h_Rf, experts.wo.astype(dt), rows_E)
 
 
-def _block_grouped(x_Rd, padded_E, experts, block_size):
-    """Expert FFN on expert-major rows padded per expert to whole blocks: one block, one expert.
+def _dense_and_block_grouped(x_Rd, base, padded_E, experts, block_size):
+    """Expert FFN on the rows of `_expert_major_rows`: [E, base] dense rows, then block-padded overflow.
 
-    FLOPs are those of the used blocks only (the row count is a static bound; blocks past the last used
-    one are never touched), against E times the rows for the dense masked matmul ragged_dot is on CPU.
+    The dense part is one batched [E, base, d] FFN. Overflow block i (< the number of used blocks, a
+    dynamic count) runs through expert expert_B[i]; the overflow row count is a static bound and blocks past
+    the last used one are never touched, so FLOPs are those of the used blocks only (against E times the
+    rows for the dense masked matmul ragged_dot is on CPU).
     """
     num_rows, d = x_Rd.shape
-    if num_rows == 0:
-        return jnp.zeros((0, d), experts.dtype)
-    num_blocks = num_rows // block_size
     E = experts.num_experts
+    num_blocks = (num_rows - E * base) // block_size
     block_end_E = jnp.cumsum(padded_E) // block_size
     blocks = jnp.arange(num_blocks, dtype=jnp.int32)
     expert_B = jnp.minimum(jnp.searchsorted(block_end_E, blocks, side="right"), E - 1).astype(jnp.int32)
     dt = experts.dtype
     weights = tuple(None if w is None else w.astype(dt) for w in (experts.wi, experts.wo, experts.wi_gate))
     spec = (block_size, experts.activation, experts.dropout_rate)
-    return _block_ffn(spec, x_Rd.astype(dt), weights, expert_B, block_end_E[-1], experts.dropout_rng)
+    x_Rd = x_Rd.astype(dt)
+    y_ENd, y_Od = _grouped_ffn(spec, x_Rd[:E * base].reshape(E, base, d), x_Rd[E * base:], weights, expert_B,
+                               block_end_E[-1], experts.dropout_rng)
+    return jnp.concatenate([y_ENd.reshape(E * base, d), y_Od])
 
 
-def _ffn_block(spec, x_bd, wi_df, wo_fd, wg_df, rng):
+def _dense_ffn(spec, x_ENd, wi, wo, wg, rng):
+    _, activation, rate = spec
+    gate_ENf = None if wg is None else jnp.einsum("ENd,Edf->ENf", x_ENd, wg)
+    h_ENf = _hidden(jnp.einsum("ENd,Edf->ENf", x_ENd, wi), gate_ENf, rng, activation, rate)
+    return jnp.einsum("ENf,Efd->ENd", h_ENf, wo)
+
+
+def _block_ffn(spec, x_bd, wi_df, wo_fd, wg_df, rng):
     _, activation, rate = spec
     gate = None if wg_df is None else x_bd @ wg_df
     return _hidden(x_bd @ wi_df, gate, rng, activation, rate) @ wo_fd
 
 
 def _block_rng(rng, i):
-    return None if rng is None else jax.random.fold_in(rng, i)
+    return None if rng is None else jax.random.fold_in(rng, i + 1)
+
+
+def _overflow_forward(spec, x_Od, weights, expert_B, num_used, rng):
+    block_size = spec[0]
+    wi, wo, wg = weights
+    if x_Od.shape[0] == 0:  # no overflow possible (E = 1)
+        return x_Od
+
+    def body(i, y_Od):
+        x_bd = jax.lax.dynamic_slice_in_dim(x_Od, i * block_size, block_size)
+        e = expert_B[i]
+        y_bd = _block_ffn(spec, x_bd, wi[e], wo[e], None if wg is None else wg[e], _block_rng(rng, i))
+        return jax.lax.dynamic_update_slice_in_dim(y_Od, y_bd, i * block_size, axis=0)
+
+    return jax.lax.fori_loop(0, num_used, body, jnp.zeros(x_Od.shape, x_Od.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _block_ffn(spec, x_Rd, weights, expert_B, num_used, rng):
-    """y[block i] = FFN_{expert_B[i]}(x[block i]) for blocks i < num_used; 0 for the later blocks.
+def _grouped_ffn(spec, x_ENd, x_Od, weights, expert_B, num_used, rng):
+    """(dense FFN of x_ENd [E, base, d], overflow FFN of x_Od [blocks * block_size, d]).
 
-    A loop over the used blocks only (a dynamic trip count): each slices its expert's weights, keeps its
-    [block, f] hidden in cache and writes its rows in place. Such a loop has no automatic reverse mode, so
-    the VJP is written out: per block it recomputes the hidden (the overhead of one extra matmul, instead
-    of storing [rows, f]) and adds the weight gradients in place into one [E, d, f] buffer each.
+    The overflow is a loop over the used blocks only (a dynamic trip count): each block slices its
+    expert's weights, keeps its [block, f] hidden in cache and writes its rows in place. Such a loop has
+    no automatic reverse mode, so the VJP is written out: it takes the dense part's weight gradients and
+    adds each overflow block's into them in place (recomputing the block's hidden), so no second
+    full-size [E, d, f] gradient is zeroed, carried or summed.
     """
+    y_ENd = _dense_ffn(spec, x_ENd, *weights, rng)
+    return y_ENd, _overflow_forward(spec, x_Od, weights, expert_B, num_used, rng)
+
+
+def _grouped_ffn_fwd(spec, x_ENd, x_Od, weights, expert_B, num_used, rng):
+    y_ENd, dense_vjp = jax.vjp(lambda x, wi, wo, wg: _dense_ffn(spec, x, wi, wo, wg, rng), x_ENd, *weights)
+    y_Od = _overflow_forward(spec, x_Od, weights, expert_B, num_used, rng)
+    return (y_ENd, y_Od), (dense_vjp, x_Od, weights, expert_B, num_used, rng)
+
+
+def _grouped_ffn_bwd(spec, residuals, cotangents):
+    dense_vjp, x_Od, weights, expert_B, num_used, rng = residuals
+    dy_ENd, dy_Od = cotangents
     block_size = spec[0]
     wi, wo, wg = weights
-
-    def body(i, y_Rd):
-        x_bd = jax.lax.dynamic_slice_in_dim(x_Rd, i * block_size, block_size)
-        e = expert_B[i]
-        y_bd = _ffn_block(spec, x_bd, wi[e], wo[e], None if wg is None else wg[e], _block_rng(rng, i))
-        return jax.lax.dynamic_update_slice_in_dim(y_Rd, y_bd, i * block_size, axis=0)
-
-    return jax.lax.fori_loop(0, num_used, body, jnp.zeros(x_Rd.shape, x_Rd.dtype))
-
-
-def _block_ffn_fwd(spec, x_Rd, weights, expert_B, num_used, rng):
-    return _block_ffn(spec, x_Rd, weights, expert_B, num_used, rng), (x_Rd, weights, expert_B, num_used, rng)
-
-
-def _block_ffn_bwd(spec, residuals, dy_Rd):
-    x_Rd, weights, expert_B, num_used, rng = residuals
-    block_size = spec[0]
-    wi, wo, wg = weights
+    dx_ENd, dwi, dwo, dwg = dense_vjp(dy_ENd)
+    if x_Od.shape[0] == 0:
+        return dx_ENd, x_Od, (dwi, dwo, dwg), None, None, None
 
     def body(i, grads):
-        dx_Rd, dwi, dwo, dwg = grads
-        x_bd = jax.lax.dynamic_slice_in_dim(x_Rd, i * block_size, block_size)
-        dy_bd = jax.lax.dynamic_slice_in_dim(dy_Rd, i * block_size, block_size)
+        dx_Od, dwi, dwo, dwg = grads
+        x_bd = jax.lax.dynamic_slice_in_dim(x_Od, i * block_size, block_size)
+        dy_bd = jax.lax.dynamic_slice_in_dim(dy_Od, i * block_size, block_size)
         e = expert_B[i]
-        block_fn = lambda x, a, b, c: _ffn_block(spec, x, a, b, c, _block_rng(rng, i))
+        block_fn = lambda x, a, b, c: _block_ffn(spec, x, a, b, c, _block_rng(rng, i))
         _, vjp = jax.vjp(block_fn, x_bd, wi[e], wo[e], None if wg is None else wg[e])
         dx_bd, dwi_e, dwo_e, dwg_e = vjp(dy_bd)
-        dx_Rd = jax.lax.dynamic_update_slice_in_dim(dx_Rd, dx_bd, i * block_size, axis=0)
-        return (dx_Rd, dwi.at[e].add(dwi_e), dwo.at[e].add(dwo_e),
+        dx_Od = jax.lax.dynamic_update_slice_in_dim(dx_Od, dx_bd, i * block_size, axis=0)
+        return (dx_Od, dwi.at[e].add(dwi_e), dwo.at[e].add(dwo_e),
                 None if wg is None else dwg.at[e].add(dwg_e))
 
-    zeros = lambda a: None if a is None else jnp.zeros(a.shape, a.dtype)
-    dx_Rd, dwi, dwo, dwg = jax.lax.fori_loop(0, num_used, body, (zeros(x_Rd), zeros(wi), zeros(wo), zeros(wg)))
-    return dx_Rd, (dwi, dwo, dwg), None, None, None
+    dx_Od, dwi, dwo, dwg = jax.lax.fori_loop(0, num_used, body, (jnp.zeros(x_Od.shape, x_Od.dtype), dwi, dwo, dwg))
+    return dx_ENd, dx_Od, (dwi, dwo, dwg), None, None, None
 
 
-_block_ffn.defvjp(_block_ffn_fwd, _block_ffn_bwd)
+_grouped_ffn.defvjp(_grouped_ffn_fwd, _grouped_ffn_bwd)

@@ -264,3 +264,18 @@ def test_layer_under_nnx_jit():
     y, aux = run(moe, x)
     y_eager, _ = moe(x, deterministic=True)
     np.testing.assert_allclose(y, y_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_readme_layer_snippet_runs():
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("<!-- dispatch:start -->"):readme.index("<!-- dispatch:end -->")]
+    snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120,
+                            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("(2, 16, 64)")
