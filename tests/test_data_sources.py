@@ -3,7 +3,6 @@
 import gzip
 import json
 
-import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 

@@ -10,9 +10,8 @@ writes `spm.model` (ids: pad 0, eos 1, unk 2, bos 3, as T5 plus a bos). `--confi
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import Optional, Sequence
+import io
+from typing import Sequence
 
 from etils import epath
 
@@ -82,7 +81,7 @@ def train_sentencepiece(texts, *, vocab_size: int, output: str, model_type: str 
     import sentencepiece as spm
 
     prefix = output[:-len(".model")] if output.endswith(".model") else output
-    model = __import__("io").BytesIO()
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
         character_coverage=character_coverage, pad_id=0, eos_id=1, unk_id=2, bos_id=3,
