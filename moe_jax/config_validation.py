@@ -1,0 +1,67 @@
+"""Run-level config checks, before anything is built or compiled: each error names the key, its value and
+what is allowed. Model-only checks live in `model.validate_config`; this adds what needs the mesh, the
+batch or the device count."""
+
+from __future__ import annotations
+
+import math
+
+from moe_jax import model as model_lib
+
+ROUTERS = ("top_k", "expert_choice", "hash", "noisy_top_k", "bias_balanced")
+DISPATCHERS = ("einsum", "index", "dropless")
+
+
+def resolved_mesh_shape(shape, num_devices: int) -> tuple[int, int, int]:
+    """`mesh.shape` with its one -1 filled in; ValueError unless the product equals `num_devices`."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+        raise ValueError(f"mesh.shape={shape} must be three positive sizes (data, expert, model), at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh.shape={shape}: {num_devices} devices are not divisible by {known}")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh.shape={shape} has {math.prod(shape)} devices but jax sees {num_devices}; "
+                         "the product of (data, expert, model) must equal the device count (or use -1)")
+    return shape
+
+
+def validate(cfg, *, num_devices: int) -> None:
+    """Raise ValueError for the first setting that cannot work with this many devices."""
+    model_lib.validate_config(cfg.model)
+    data_axis, expert_axis, _ = resolved_mesh_shape(cfg.mesh.shape, num_devices)
+    batch_shards = data_axis * expert_axis
+    for key in ("batch_size", "seq_len"):
+        if not (isinstance(cfg.data[key], int) and cfg.data[key] > 0):
+            raise ValueError(f"data.{key}={cfg.data[key]!r} must be a positive integer")
+    if cfg.data.batch_size % batch_shards:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be a multiple of data x expert = "
+                         f"{batch_shards} (mesh.shape={tuple(cfg.mesh.shape)}): the batch is split over both")
+    for key in ("steps", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints"):
+        if not (isinstance(cfg.train[key], int) and cfg.train[key] > 0):
+            raise ValueError(f"train.{key}={cfg.train[key]!r} must be a positive integer")
+    if not cfg.train.learning_rate > 0:
+        raise ValueError(f"train.learning_rate={cfg.train.learning_rate} must be > 0")
+
+    moe = cfg.model.moe
+    if not model_lib.is_moe(cfg.model):
+        return
+    if moe.router not in ROUTERS:
+        raise ValueError(f"model.moe.router={moe.router!r} is not one of {ROUTERS}")
+    if moe.dispatcher not in DISPATCHERS:
+        raise ValueError(f"model.moe.dispatcher={moe.dispatcher!r} is not one of {DISPATCHERS}")
+    for key in ("capacity_factor", "eval_capacity_factor"):
+        if not moe[key] > 0:
+            raise ValueError(f"model.moe.{key}={moe[key]} must be > 0")
+    if moe.num_experts % expert_axis:
+        raise ValueError(f"model.moe.num_experts={moe.num_experts} must be divisible by the expert mesh axis "
+                         f"({expert_axis}, mesh.shape={tuple(cfg.mesh.shape)}): each device holds E / expert experts")
+    tokens_per_device = cfg.data.batch_size // batch_shards * cfg.data.seq_len
+    if moe.group_size < 1 or tokens_per_device % moe.group_size:
+        raise ValueError(f"model.moe.group_size={moe.group_size} must divide the tokens per device, "
+                         f"{tokens_per_device} = data.batch_size {cfg.data.batch_size} / {batch_shards} shards x "
+                         f"data.seq_len {cfg.data.seq_len}")
+    if moe.router == "hash" and moe.k != 1:
+        raise ValueError(f"model.moe.k={moe.k} must be 1 for model.moe.router='hash'")

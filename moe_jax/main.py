@@ -1,0 +1,59 @@
+"""Train a model from an experiment config: the same command on a laptop, 8 simulated devices or a pod.
+
+    python -m moe_jax.main --config=experiments/tiny_switch.py --workdir=runs/tiny_switch \
+        [--config.train.steps=1000 --config.model.moe.capacity_factor=1.0 ...]
+
+Running the same command again resumes from the latest checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (with an optional :arg).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed(cfg) -> None:
+    """`jax.distributed.initialize` when `distributed.enabled`: explicit coordinator settings if given,
+    otherwise jax's own cluster detection (TPU pods, SLURM, ...)."""
+    import jax
+
+    dist = cfg.distributed
+    if not dist.enabled:
+        return
+    kwargs = {}
+    if dist.coordinator_address:
+        kwargs = dict(coordinator_address=dist.coordinator_address, num_processes=dist.num_processes,
+                      process_id=dist.process_id)
+    jax.distributed.initialize(initialization_timeout=dist.initialization_timeout, **kwargs)
+
+
+def main(argv) -> int:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cfg = _CONFIG.value
+    initialize_distributed(cfg)
+    from moe_jax import train
+
+    try:
+        result = train.train(cfg, _WORKDIR.value)
+    except (ValueError, train.TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if result.get("interrupted"):
+        print(f"interrupted at step {result['step']}; checkpoint saved, run the same command to resume")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

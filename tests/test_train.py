@@ -1,0 +1,90 @@
+"""The trainer end to end on the synthetic corpus: loss falls, exact resume, SIGTERM, NaN stop, config errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from moe_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(*, experts=4, steps=6, **train_overrides):
+    cfg = train.default_config()
+    cfg.model.update(vocab_size=512, d_model=32, d_ff=64, num_layers=2, num_heads=2)
+    cfg.model.moe.update(num_experts=experts, every=2, group_size=64, dispatcher="index")
+    cfg.data.update(source="synthetic", seq_len=32, batch_size=8)
+    cfg.train.update(steps=steps, log_every=1, eval_every=3, eval_steps=1, checkpoint_every=3,
+                     learning_rate=3e-3, warmup_steps=2)
+    cfg.train.update(**train_overrides)
+    cfg.mesh.shape = (1, 1, 1)
+    return cfg
+
+
+def losses(workdir):
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+def test_loss_falls_and_run_writes_its_files(tmp_path):
+    cfg = tiny_config(steps=40, eval_every=20, checkpoint_every=20, learning_rate=1e-2)
+    result = train.train(cfg, str(tmp_path), devices=jax.devices()[:1])
+    curve = losses(tmp_path)
+    assert np.mean([curve[s] for s in range(36, 41)]) < np.mean([curve[s] for s in range(1, 6)]) - 0.3
+    assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [20, 40]
+    assert result["eval/gap_to_floor"] > 0
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("train/loss", "train/accuracy", "train/perplexity", "train/tokens_per_sec", "train/mfu",
+                "moe/layer0/dropped_fraction", "moe/layer0/expert_load", "moe/layer0/load_balancing_loss"):
+        assert key in record, key
+    assert len(record["moe/layer0/expert_load"]) == 4
+
+
+def test_resumed_training_gives_exactly_the_same_losses(tmp_path):
+    straight = tmp_path / "straight"
+    train.train(tiny_config(steps=6), str(straight), devices=jax.devices()[:1])
+    resumed = tmp_path / "resumed"
+    train.train(tiny_config(steps=3), str(resumed), devices=jax.devices()[:1])
+    train.train(tiny_config(steps=6), str(resumed), devices=jax.devices()[:1])
+    assert losses(resumed) == losses(straight)
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+    cfg = tiny_config(steps=6)
+    train.train(cfg, str(tmp_path), devices=jax.devices()[:1])  # good checkpoints at 3 and 6
+    cfg = tiny_config(steps=12, learning_rate=1e30)
+    with pytest.raises(train.TrainingDiverged, match=r"train/loss is (nan|inf|-inf) at step \d+"):
+        train.train(cfg, str(tmp_path), devices=jax.devices()[:1])
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 6
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("mesh.shape", (3, 1, 1), r"mesh.shape=\(3, 1, 1\) has 3 devices but jax sees 8"),
+    ("model.moe.num_experts", 6, r"model.moe.num_experts=6 must be divisible by the expert mesh axis \(4"),
+    ("model.moe.k", 5, r"model.moe.k=5 must be in \[1, model.moe.num_experts=4\]"),
+    ("model.moe.group_size", 48, r"model.moe.group_size=48 must divide the tokens per device, 32"),
+    ("model.moe.capacity_factor", 0.0, r"model.moe.capacity_factor=0.0 must be > 0"),
+    ("model.moe.router", "switch", r"model.moe.router='switch' is not one of \('top_k'"),
+    ("model.moe.dispatcher", "gather", r"model.moe.dispatcher='gather' is not one of \('einsum'"),
+])
+def test_config_errors_name_the_key_value_and_allowed(tmp_path, eight_devices, key, value, message):
+    cfg = tiny_config()
+    cfg.mesh.shape = (2, 4, 1)
+    section, name = key.rsplit(".", 1)
+    target = cfg
+    for part in section.split("."):
+        target = target[part]
+    target[name] = value
+    with pytest.raises(ValueError, match=message):
+        train.train(cfg, str(tmp_path), devices=eight_devices)
+    assert not (tmp_path / "checkpoints").exists()
