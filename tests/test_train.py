@@ -88,3 +88,36 @@ def test_config_errors_name_the_key_value_and_allowed(tmp_path, eight_devices, k
     with pytest.raises(ValueError, match=message):
         train.train(cfg, str(tmp_path), devices=eight_devices)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _cli(workdir, *overrides):
+    args = [sys.executable, "-m", "moe_jax.main", "--config=experiments/tiny_switch.py", f"--workdir={workdir}",
+            "--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.num_layers=2",
+            "--config.model.num_heads=2", "--config.model.moe.num_experts=4", "--config.model.moe.group_size=64",
+            "--config.data.seq_len=32", "--config.data.batch_size=8", "--config.train.log_every=1",
+            "--config.train.eval_every=1000", "--config.train.checkpoint_every=1000", *overrides]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return args, env
+
+
+def test_sigterm_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    args, env = _cli(tmp_path / "straight", "--config.train.steps=60")
+    subprocess.run(args, env=env, cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+    interrupted = tmp_path / "interrupted"
+    args, env = _cli(interrupted, "--config.train.steps=60")
+    process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # wait until training is under way, then ask it to stop
+        if line.startswith("step 3/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert "checkpoint saved, run the same command to resume" in output
+    saved = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 3 <= saved[0] < 60
+
+    subprocess.run(args, env=env, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    resumed = losses(interrupted)
+    assert resumed == losses(tmp_path / "straight")
