@@ -5,8 +5,8 @@
     python benchmarks/layer.py --write    # also replace the "## MoE layer" section of benchmarks/RESULTS.md
 
 d = 512, f = 2048, top-1, capacity factor 1.25, group size 1024, float32. Each case is jitted once,
-warmed up, then timed `--runs` times (median reported); the dense FFN is timed in the same process right
-before the MoE cases of its token count, and the ratio is MoE / dense. Both differentiate a scalar loss with
+warmed up, then timed `--runs` times (medians reported); dense FFN and MoE calls alternate in the same
+process, and the ratio is median MoE / median dense. Both differentiate a scalar loss with
 respect to all parameters and the input.
 """
 
@@ -35,14 +35,23 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def time_fn(fn, args, runs):
-    jax.block_until_ready(fn(*args))  # compile
-    jax.block_until_ready(fn(*args))  # warm-up
-    times = []
+    """Median seconds of `runs` calls after compilation and one warm-up call."""
+    return statistics.median(time_pair([(fn, args)], runs)[0])
+
+
+def time_pair(cases, runs):
+    """Per case, `runs` timings, the cases interleaved call by call so that drift in the load of a shared
+    machine hits all of them alike."""
+    for fn, args in cases:
+        jax.block_until_ready(fn(*args))  # compile
+        jax.block_until_ready(fn(*args))  # warm-up
+    times = [[] for _ in cases]
     for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for (fn, args), out in zip(cases, times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            out.append(time.perf_counter() - start)
+    return times
 
 
 def dense_step(num_tokens):
@@ -97,10 +106,11 @@ def main(argv=None):
     print(header + "\n|---|---|---|---|---|---|---|---|", flush=True)
     for num_tokens in token_counts:
         for num_experts in expert_counts:
-            # Dense re-timed next to each E so drift in machine load hits both sides of the ratio alike.
-            dense_ms = 1e3 * time_fn(*dense_step(num_tokens), args.runs)
             for name in dispatchers:
-                moe_ms = 1e3 * time_fn(*moe_step(num_tokens, num_experts, name), args.runs)
+                # Dense and MoE calls alternate, so drift in the machine's load hits both sides of the ratio.
+                dense_s, moe_s = time_pair([dense_step(num_tokens), moe_step(num_tokens, num_experts, name)],
+                                           args.runs)
+                dense_ms, moe_ms = 1e3 * statistics.median(dense_s), 1e3 * statistics.median(moe_s)
                 ratio = moe_ms / dense_ms
                 row = (f"| {num_tokens} | {num_experts} | {name} | {moe_ms:.0f} | {dense_ms:.0f} | {ratio:.2f} | "
                        f"<= {TARGETS[name]} | {'yes' if ratio <= TARGETS[name] else 'no'} |")

@@ -13,7 +13,8 @@ width, f hidden width), plus N rows of an expert buffer and A = G*S*K (token, ch
                GPU / CPU path.
 * ``dropless`` no buffer and no capacity: the kept (token, choice) pairs in expert-major order, a grouped
                matmul, back to token order. `jax.lax.ragged_dot` on TPU / GPU; on CPU, where ragged_dot is a
-               dense masked matmul over all groups, a block-padded grouped matmul (see `_block_grouped`).
+               dense masked matmul over all groups, a batched matmul over each expert's first A/E rows plus a loop
+               over block-padded overflow rows (see `_dropless_dispatch`).
 
 All three give the same output for the same Routing (to float tolerance): only kept assignments are
 computed, and each comes back multiplied by its combine weight. With a capacity large enough that nothing
@@ -127,9 +128,9 @@ def apply_experts(
       routing: from a router in routing.py (same G, S).
       experts: the stacked expert weights.
       transport_dtype: einsum only: dtype of the dispatch / combine einsums (e.g. jnp.bfloat16).
-      grouped_matmul: dropless only: 'ragged' (jax.lax.ragged_dot) or 'blocks' (block-padded, for CPU);
-        None picks by `jax.default_backend()`.
-      block_size: rows per block of the 'blocks' grouped matmul.
+      grouped_matmul: dropless only: 'ragged' (jax.lax.ragged_dot) or 'blocks' (dense part + block-padded
+        overflow, for CPU); None picks by `jax.default_backend()`.
+      block_size: rows per overflow block of the 'blocks' grouped matmul.
 
     Returns:
       y_GSd = sum_k weight[g, s, k] * expert_{expert_index[g, s, k]}(x[g, s]) over kept choices, in x's dtype.
@@ -243,7 +244,8 @@ def _dropless_dispatch(x_GSd, routing, experts, grouped_matmul, block_size):
 
     'ragged': one ragged_dot per kernel over the exactly-sized expert runs.
     'blocks' (CPU): the first A/E rows of every expert (A = G*S*K; all of them under perfect balance) as
-    one batched [E, A/E, d] matmul; rows beyond that, of overloaded experts, by `_block_grouped`. Empty
+    one batched [E, A/E, d] FFN; rows beyond that, of overloaded experts, in blocks of `block_size` rows
+    (`_dense_and_block_grouped`). Empty
     dense rows of underloaded experts cost as much as the overflow, so the waste is about twice the
     imbalance, plus at most E * (block_size - 1) padding rows.
     """
