@@ -121,3 +121,25 @@ def test_sigterm_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path
     subprocess.run(args, env=env, cwd=ROOT, check=True, capture_output=True, timeout=300)
     resumed = losses(interrupted)
     assert resumed == losses(tmp_path / "straight")
+
+
+def test_sharded_training_on_8_devices_matches_one_device(tmp_path, eight_devices):
+    """data=2, expert=4: the same 5 losses as one device, to 1e-4 relative (float32 reductions in another
+    order); each device holds only its experts' weights."""
+    one = tiny_config(steps=5, eval_every=100, checkpoint_every=100)
+    one.model.moe.group_size = 32  # one sequence per group: the tokens a device holds at data x expert = 8
+    train.train(one, str(tmp_path / "one"), devices=eight_devices[:1])
+    eight = tiny_config(steps=5, eval_every=100, checkpoint_every=100)
+    eight.mesh.shape = (2, 4, 1)
+    eight.model.moe.group_size = 32
+    train.train(eight, str(tmp_path / "eight"), devices=eight_devices)
+    expected, got = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-4)
+
+    run = train.setup(eight, eight_devices)
+    expert_kernels = [s for p, s in jax.tree_util.tree_flatten_with_path(run.state_shardings)[0]
+                      if "['layers'][1]['ffn']['w" in jax.tree_util.keystr(p) and "opt_state" not in jax.tree_util.keystr(p)]
+    assert expert_kernels
+    for kernel_sharding in expert_kernels:
+        assert "expert" in jax.tree.leaves(tuple(kernel_sharding.spec))
