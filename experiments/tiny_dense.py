@@ -5,7 +5,8 @@ d_ff, data, optimizer and steps; every FFN dense).
 
     python -m moe_jax.main --config=experiments/tiny_dense.py --workdir=runs/tiny_dense
 
-Expected (2-core CPU): see the numbers recorded in tiny_switch.py's docstring, measured with the same command.
+Expected (2-core CPU, 2026-11-23): eval CE 1.373 nats/token after 300 steps (floor 1.121, gap 0.251); 5.5 min
+on a loaded machine (about 2 min of CPU time).
 """
 
 from moe_jax import train

@@ -7,7 +7,8 @@ MoE layers use Switch's recipe (top-1, capacity factor 1.25 train / 2.0 eval, lo
 
     python -m moe_jax.main --config=experiments/tiny_switch.py --workdir=runs/tiny_switch
 
-Expected (2-core CPU): see the README's training section for the measured eval losses of both configs.
+Expected (2-core CPU, 2026-11-23): eval CE 1.354 nats/token after 300 steps (floor 1.121, gap 0.233) vs
+1.373 for tiny_dense; 5.5 min on a loaded machine (about 2 min of CPU time).
 """
 
 from experiments import tiny_dense

@@ -26,3 +26,9 @@ def test_routing_snippet_runs():
                             env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert "(1, 8, 4, 2)" in result.stdout
+
+
+def test_readme_train_command_uses_an_existing_config():
+    line = next(l for l in _readme().splitlines() if l.startswith("python3 -m venv") and "moe_jax.main" in l)
+    config = re.search(r"--config=(\S+)", line).group(1)
+    assert (ROOT / config).exists()
