@@ -30,7 +30,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from moe_jax import sharding
 from moe_jax.routing import Routing
+
+# Logical axes of the [E, G, C, d] expert buffer: experts on 'expert', groups on what remains of the batch axes.
+EXPERT_BUFFER_AXES = ("expert", "batch", None, "embed")
 
 Array = jax.Array
 
@@ -163,9 +167,12 @@ def _einsum_dispatch(x_GSd, routing, experts, transport_dtype):
     td = x_GSd.dtype if transport_dtype is None else transport_dtype
     dispatch_GSEC = routing.dispatch_mask().astype(td)
     x_EGCd = jnp.einsum("GSEC,GSd->EGCd", dispatch_GSEC, x_GSd.astype(td))
+    # Expert parallelism: groups arrive sharded over ('data', 'expert'); the experts' inputs must sit with
+    # their weights, E over 'expert'. Under a mesh this re-layout is an all-to-all (a no-op without one).
+    x_EGCd = sharding.constrain(x_EGCd, EXPERT_BUFFER_AXES)
     x_ENd = x_EGCd.reshape(E, num_groups * C, d)
     y_ENd = experts(x_ENd)
-    y_EGCd = y_ENd.reshape(E, num_groups, C, d)
+    y_EGCd = sharding.constrain(y_ENd.reshape(E, num_groups, C, d), EXPERT_BUFFER_AXES)
     if routing.num_choices == 1:
         # One choice per token: read back with the 0/1 dispatch tensor and weight per token. Same numbers as
         # the combine tensor, but the weight gradient is a [G, S] product instead of a third GSEC einsum.

@@ -378,12 +378,13 @@ def update_balancing_bias(bias: Array, expert_load: Array, rate: float) -> Array
     """DeepSeek-V3 auxiliary-loss-free balancing: `b -= rate * sign(load - mean(load))`, outside the gradient.
 
     Args:
-      bias: [E] selection bias (see `route_top_k(selection_bias=...)`).
-      expert_load: [E] observed load (counts or fractions) of the last step.
+      bias: [..., E] selection bias (see `route_top_k(selection_bias=...)`); leading axes (e.g. stacked
+        layers) are independent.
+      expert_load: [..., E] observed load (counts or fractions) of the last step.
       rate: the bias update speed (DeepSeek-V3 uses 1e-3).
     """
     load = jax.lax.stop_gradient(expert_load.astype(jnp.float32))
-    return bias - rate * jnp.sign(load - load.mean())
+    return bias - rate * jnp.sign(load - load.mean(axis=-1, keepdims=True))
 
 
 # --------------------------------------------------------------------------------------------- losses

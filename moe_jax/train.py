@@ -271,7 +271,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
         writer.write(step, result)
         return result
 
-    with stop.installed():
+    with stop.installed(), jax.set_mesh(run.mesh):  # the mesh under which `sharding.constrain` pins layouts
         step = start_step
         while step < cfg.train.steps:
             batch = sharding.shard_batch(next(train_iter), run.mesh)

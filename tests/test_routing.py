@@ -391,3 +391,9 @@ def test_bad_input_names_the_argument_and_valid_range(call, message):
     logits = jnp.zeros((2, 8, 4))
     with pytest.raises(ValueError, match=message):
         call(logits)
+
+
+def test_balancing_bias_update_treats_stacked_layers_independently():
+    load = jnp.array([[10.0, 2.0], [1.0, 3.0]])
+    new = routing.update_balancing_bias(jnp.zeros((2, 2)), load, rate=0.5)
+    np.testing.assert_allclose(new, [[-0.5, 0.5], [0.5, -0.5]])

@@ -143,3 +143,20 @@ def test_sharded_training_on_8_devices_matches_one_device(tmp_path, eight_device
     assert expert_kernels
     for kernel_sharding in expert_kernels:
         assert "expert" in jax.tree.leaves(tuple(kernel_sharding.spec))
+
+
+@pytest.mark.parametrize("mesh_shape, expect_all_to_all", [((2, 4, 1), True), ((8, 1, 1), False)])
+def test_compiled_train_step_exchanges_tokens_by_all_to_all_over_the_expert_axis(
+        eight_devices, mesh_shape, expect_all_to_all):
+    cfg = tiny_config()
+    cfg.mesh.shape = mesh_shape
+    cfg.model.moe.update(dispatcher="einsum", group_size=32)
+    run = train.setup(cfg, eight_devices)
+    with jax.set_mesh(run.mesh):
+        hlo = run.train_step.lower(run.abstract_state, run.abstract_batch(8, 32)).compile().as_text()
+    count = hlo.count("all-to-all(")
+    assert (count >= 2) if expect_all_to_all else (count == 0), count
+    # Expert weights stay where they are: no all-gather of a whole [E, d, f] kernel (E=4, d=32, f=64).
+    gathered = [line for line in hlo.splitlines() if "all-gather(" in line and ("[4,32,64]" in line or
+                                                                              "[4,64,32]" in line)]
+    assert not gathered
