@@ -4,34 +4,16 @@ batch or the device count."""
 
 from __future__ import annotations
 
-import math
-
-from moe_jax import model as model_lib
+from moe_jax import model as model_lib, sharding
 
 ROUTERS = ("top_k", "expert_choice", "hash", "noisy_top_k", "bias_balanced")
 DISPATCHERS = ("einsum", "index", "dropless")
 
 
-def resolved_mesh_shape(shape, num_devices: int) -> tuple[int, int, int]:
-    """`mesh.shape` with its one -1 filled in; ValueError unless the product equals `num_devices`."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
-        raise ValueError(f"mesh.shape={shape} must be three positive sizes (data, expert, model), at most one -1")
-    known = math.prod(s for s in shape if s != -1)
-    if -1 in shape:
-        if num_devices % known:
-            raise ValueError(f"mesh.shape={shape}: {num_devices} devices are not divisible by {known}")
-        shape = tuple(num_devices // known if s == -1 else s for s in shape)
-    if math.prod(shape) != num_devices:
-        raise ValueError(f"mesh.shape={shape} has {math.prod(shape)} devices but jax sees {num_devices}; "
-                         "the product of (data, expert, model) must equal the device count (or use -1)")
-    return shape
-
-
 def validate(cfg, *, num_devices: int) -> None:
     """Raise ValueError for the first setting that cannot work with this many devices."""
     model_lib.validate_config(cfg.model)
-    data_axis, expert_axis, _ = resolved_mesh_shape(cfg.mesh.shape, num_devices)
+    data_axis, expert_axis, _ = sharding.mesh_shape(cfg.mesh.shape, num_devices)
     batch_shards = data_axis * expert_axis
     for key in ("batch_size", "seq_len"):
         if not (isinstance(cfg.data[key], int) and cfg.data[key] > 0):

@@ -69,7 +69,7 @@ def test_nan_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("mesh.shape", (3, 1, 1), r"mesh.shape=\(3, 1, 1\) has 3 devices but jax sees 8"),
+    ("mesh.shape", (3, 1, 1), r"mesh.shape=\(3, 1, 1\) has 3 devices but there are 8 devices"),
     ("model.moe.num_experts", 6, r"model.moe.num_experts=6 must be divisible by the expert mesh axis \(4"),
     ("model.moe.k", 5, r"model.moe.k=5 must be in \[1, model.moe.num_experts=4\]"),
     ("model.moe.group_size", 48, r"model.moe.group_size=48 must divide the tokens per device, 32"),
