@@ -153,8 +153,8 @@ class MoeLayer(nnx.Module):
 
         Returns:
           y and aux, a dict of float32 arrays (unscaled): `load_balancing_loss`, `router_z_loss`,
-          `dropped_fraction`, `expert_load` [E], `load_cv`, `router_entropy`, `top1_prob`, and for
-          noisy_top_k `importance_loss`, `load_loss`.
+          `dropped_fraction`, `expert_load` [E], `load_cv`, `router_entropy`, `top1_prob`,
+          `router_max_logit` (largest |logit|), and for noisy_top_k `importance_loss`, `load_loss`.
         """
         B, L, d = x_BLd.shape
         S = _check_group_size(self.group_size, B, L)
@@ -193,7 +193,8 @@ class MoeLayer(nnx.Module):
                                        capacity=capacity, padding_mask=mask_GS)
             # No learned router: the "probabilities" are the fixed choice, and there is nothing to balance.
             probs_GSE = jax.nn.one_hot(route.expert_index[..., 0], E, dtype=jnp.float32)
-            return route, probs_GSE, {"load_balancing_loss": zero, "router_z_loss": zero}
+            return route, probs_GSE, {"load_balancing_loss": zero, "router_z_loss": zero,
+                                      "router_max_logit": zero}
 
         train = not deterministic
         router_in_GSd = x_GSd
@@ -201,7 +202,8 @@ class MoeLayer(nnx.Module):
             router_in_GSd = routing.jitter(x_GSd, self.rng(), self.jitter)
         logits_GSE = self._router_logits(router_in_GSd, self.router_kernel[...])
         probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-        losses = {"load_balancing_loss": zero, "router_z_loss": routing.router_z_loss(logits_GSE, mask_GS)}
+        losses = {"load_balancing_loss": zero, "router_z_loss": routing.router_z_loss(logits_GSE, mask_GS),
+                  "router_max_logit": _max_abs(logits_GSE, mask_GS)}  # what the z-loss keeps small
 
         if self.router == "expert_choice":
             capacity = min(S, routing.expert_capacity(S, E, self.eval_capacity_factor if deterministic else
@@ -269,6 +271,12 @@ def update_router_biases(model: nnx.Module, expert_load: Array) -> None:
         raise ValueError(f"update_router_biases expects one bias_balanced MoeLayer in the model, found "
                          f"{len(layers)}; call MoeLayer.update_bias on each layer with its own load")
     layers[0].update_bias(expert_load)
+
+
+def _max_abs(x_GSE: Array, mask_GS: Optional[Array]) -> Array:
+    """Largest |router logit| over real tokens (a metric, no gradient)."""
+    real_GS1 = jnp.ones(x_GSE.shape[:2] + (1,), bool) if mask_GS is None else mask_GS[..., None]
+    return jax.lax.stop_gradient(jnp.max(jnp.where(real_GS1, jnp.abs(x_GSE), 0.0)))
 
 
 def _check_group_size(group_size: int, batch: int, length: int) -> int:
