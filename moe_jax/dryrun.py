@@ -1,0 +1,589 @@
+"""Pod-scale dry run: compile an experiment's own train and eval steps for a TPU topology, on this machine.
+
+    python -m moe_jax.dryrun --config=experiments/switch_base.py:experts=128 --topology=v5p:4x4x4 \
+        [--config.mesh.shape='(-1,16,1)' ...] [--workdir=runs/dryrun]
+
+No TPU is needed, only libtpu (`pip install 'jax[tpu]==<the pinned jax>'`, in requirements.txt): the
+topology's devices come from `jax.experimental.topologies`, and the very `train.setup(...).train_step` /
+`eval_step` that `train.train` runs are traced from abstract shapes (`jax.ShapeDtypeStruct` with their
+shardings) and compiled for those devices. Nothing is allocated.
+
+The report (printed, and written to `<workdir>/dryrun.json`):
+  * parameters, total and active per token (`model.count_params`);
+  * per-chip bytes: parameters and optimizer state (from their shardings), and the compiled step's
+    arguments, outputs and temporaries (`memory_analysis()`), against the chip's HBM;
+  * per-chip FLOPs per step: matmul FLOPs of the traced step (forward, backward, rematerialisation, router and
+    capacity padding included; scan bodies times their length), split evenly over the chips, beside the
+    model FLOPs of the MFU accounting (6N + attention); the step-time floor is FLOPs / the chip's peak;
+  * the collectives in the compiled HLO: how many and how many bytes per chip of all-to-all, all-reduce,
+    all-gather, reduce-scatter and collective-permute, static (ops in the HLO) and per step (ops inside
+    the layer loop counted once per iteration);
+  * trace, lower and compile times.
+A config that does not fit raises `DoesNotFit` with one paragraph (bytes needed vs available and the knobs
+that help) instead of XLA's RESOURCE_EXHAUSTED traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Optional
+
+# A dry run never runs on an accelerator: keep jax on the CPU (libtpu otherwise tries to find a TPU), and let
+# several processes load libtpu at once (it otherwise takes /tmp/libtpu_lockfile, and a second dry run or a
+# parallel test worker fails with "Internal error when accessing libtpu multi-process lockfile").
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from moe_jax import config_validation, model as model_lib, sharding, train  # noqa: E402
+
+GiB = 1024**3
+
+
+# --------------------------------------------------------------------------------------------- chips
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Per-chip figures. Peak and HBM: Google Cloud's TPU system-architecture pages (`source`); usable HBM:
+    what XLA reports as "available HBM" when a compile for the chip runs out of memory (libtpu 0.0.42)."""
+
+    name: str
+    peak_bf16_flops: float
+    hbm_bytes: float
+    usable_hbm_bytes: float
+    hbm_bandwidth: float  # bytes/s
+    shapes: tuple[str, ...]  # slice shapes Google Cloud lists for the generation
+    source: str
+
+
+CHIPS = {
+    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 15.75 * GiB, 819e9,
+                ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+                "https://cloud.google.com/tpu/docs/v5e (peak compute per chip, bf16: 197 TFLOPs; HBM2 16 GB, "
+                "819 GBps)"),
+    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 95.74 * GiB, 2765e9,
+                ("2x2x1", "2x2x2", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16", "8x16x16", "16x16x16",
+                 "16x16x24"),
+                "https://cloud.google.com/tpu/docs/v5p (peak compute per chip, bf16: 459 TFLOPs; HBM2e 95 GB, "
+                "2765 GBps)"),
+    "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 31.25 * GiB, 1640e9,
+                ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+                "https://cloud.google.com/tpu/docs/v6e (peak compute per chip, bf16: 918 TFLOPs; HBM 32 GB, "
+                "1640 GBps)"),
+}
+
+TOPOLOGY_RE = re.compile(r"^(v5e|v5p|v6e):(\d+x\d+(?:x\d+)?)$")
+
+
+class DryRunError(ValueError):
+    """A bad input (topology, mesh, missing libtpu): the message names the value and what is allowed."""
+
+
+class DoesNotFit(RuntimeError):
+    """The compiled step needs more HBM per chip than the chip has; `str()` is the one-paragraph report."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def libtpu_available() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def _install_hint() -> str:
+    return f"pip install 'jax[tpu]=={jax.__version__}'"
+
+
+def topology_devices(topology: str):
+    """(chip, devices) for a topology string such as "v5p:4x4x4", or DryRunError naming what is allowed."""
+    allowed = "; ".join(f"{gen}:{{{','.join(chip.shapes)}}}" for gen, chip in CHIPS.items())
+    match = TOPOLOGY_RE.match(topology or "")
+    if match is None:
+        raise DryRunError(f"--topology={topology!r} is not a TPU topology of the form GENERATION:SHAPE; allowed "
+                          f"generations {tuple(CHIPS)} with shapes {allowed} (e.g. v5p:4x4x4, v5e:16x16)")
+    generation, shape = match.groups()
+    chip = CHIPS[generation]
+    if shape not in chip.shapes:
+        raise DryRunError(f"--topology={topology!r}: {shape} is not a {generation} slice shape; allowed for "
+                          f"{generation}: {', '.join(chip.shapes)}")
+    if not libtpu_available():
+        raise DryRunError(f"--topology={topology!r} needs libtpu to compile for TPUs, and it is not installed; "
+                          f"install the one matching jax {jax.__version__}: {_install_hint()} "
+                          f"(or `pip install -r requirements.txt`)")
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except Exception as error:  # libtpu's own check, e.g. a shape the installed libtpu does not know
+        raise DryRunError(f"--topology={topology!r} was rejected by libtpu: {error}; allowed: {allowed}") from None
+    return chip, list(desc.devices)
+
+
+# --------------------------------------------------------------------------------------------- bytes
+
+
+def _shard_bytes(sds) -> int:
+    shape = sds.sharding.shard_shape(sds.shape) if sds.sharding is not None else sds.shape
+    return int(math.prod(shape)) * sds.dtype.itemsize  # dtype.itemsize also covers PRNG key arrays
+
+
+def _global_bytes(sds) -> int:
+    return int(math.prod(sds.shape)) * sds.dtype.itemsize
+
+
+def state_bytes(abstract_state) -> dict:
+    """Per-chip and total bytes of the train state, from each leaf's sharding: parameters (and, of those,
+    the routed experts'), other model variables, and optimizer state."""
+    out = dict(params_per_chip=0, params_total=0, expert_params_per_chip=0, expert_params_total=0,
+               other_model_state_per_chip=0, optimizer_per_chip=0, optimizer_total=0)
+    is_var = lambda v: isinstance(v, nnx.Variable)
+    for part, key in ((abstract_state[0], "model"), (abstract_state[1], "optimizer")):
+        for variable in jax.tree.leaves(part, is_leaf=is_var):
+            sds = variable.get_value() if is_var(variable) else variable
+            per_chip, total = _shard_bytes(sds), _global_bytes(sds)
+            if key == "optimizer":
+                out["optimizer_per_chip"] += per_chip
+                out["optimizer_total"] += total
+            elif isinstance(variable, nnx.Param):
+                out["params_per_chip"] += per_chip
+                out["params_total"] += total
+                if "expert" in tuple(variable.get_metadata().get("out_sharding") or ()):
+                    out["expert_params_per_chip"] += per_chip
+                    out["expert_params_total"] += total
+            else:
+                out["other_model_state_per_chip"] += per_chip
+    return out
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+
+
+def matmul_flops(jaxpr) -> float:
+    """2 x multiply-adds of every dot_general / ragged_dot in a (closed) jaxpr, global shapes.
+
+    Scan bodies count `length` times, shard_map bodies once per shard, `cond` its costliest branch, a
+    `while` body once (its trip count is not static). Everything else that holds a jaxpr (pjit, remat,
+    custom_vjp, ...) is entered once.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract)
+        elif name == "ragged_dot":  # [m, k] x [g, k, n]: each row meets one group
+            m, k = eqn.invars[0].aval.shape[-2:]
+            total += 2.0 * m * k * eqn.invars[1].aval.shape[-1]
+        elif name == "scan":
+            total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"])
+        elif name == "cond":
+            total += max(matmul_flops(b) for b in eqn.params["branches"])
+        elif name == "shard_map":
+            shards = math.prod(eqn.params["mesh"].shape[a] for a in eqn.params["newly_manual_axes"])
+            total += shards * matmul_flops(eqn.params["jaxpr"])
+        else:
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                        total += matmul_flops(sub)
+    return total
+
+
+# --------------------------------------------------------------------------------------------- HLO
+
+
+COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
+_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s([a-z][a-z0-9\-]*)\((.*)$")
+_HEADER_RE = re.compile(r"^(ENTRY\s+)?%(\S+)\s.*\{\s*$")
+_CALLEE_RE = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|called_computations)="
+                        r"(\{[^}]*\}|%[^\s,)]+)")
+
+
+def _array_sizes(type_text: str) -> list[float]:
+    sizes = []
+    for dtype, dims in _ARRAY_RE.findall(type_text):
+        itemsize = _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else None)
+        if itemsize is not None:
+            sizes.append(itemsize * math.prod(int(d) for d in dims.split(",") if d))
+    return sizes
+
+
+def _parse_hlo(text: str):
+    """{computation: [(name, type, op, rest)]}, the entry computation's name."""
+    computations, entry, current = {}, None, None
+    for line in text.splitlines():
+        if current is None:
+            header = _HEADER_RE.match(line)
+            if header:
+                current = header.group(2)
+                computations[current] = []
+                if header.group(1):
+                    entry = current
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        instr = _INSTR_RE.match(line)
+        if instr:
+            computations[current].append(instr.groups())
+    return computations, entry
+
+
+def _trip_count(rest: str, condition: list) -> Optional[int]:
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+    if known:
+        return int(known.group(1))
+    constants = [int(m.group(1)) for _, type_, op, args in condition if op == "constant"
+                 for m in [re.match(r"(-?\d+)\)", args)] if m and re.match(r"[su](32|64)\[\]", type_)]
+    compares_lt = any(op == "compare" and "direction=LT" in args for _, _, op, args in condition)
+    return constants[0] if compares_lt and len(constants) == 1 else None
+
+
+def hlo_collectives(text: str) -> dict:
+    """Collectives of a compiled (per-chip) HLO module.
+
+    For each kind: `ops` (instructions in the HLO), `per_step` (executions per step: an op inside the layer
+    loop counts once per iteration) and `bytes_per_step` per chip: the buffer each one moves, i.e. all-gather's
+    gathered output, reduce-scatter's full input, all-reduce's, all-to-all's and collective-permute's operand.
+    Async pairs count once (the -start op). A while loop whose trip count cannot be read counts once and is
+    listed in `unknown_trip_counts`.
+    """
+    computations, entry = _parse_hlo(text)
+    callers: dict[str, list[tuple[str, float]]] = {}
+    unknown = []
+    for comp, instrs in computations.items():
+        for name, _, op, rest in instrs:
+            edges = {kind: [c.strip().lstrip("%") for c in value.strip("{}").split(",") if c.strip()]
+                     for kind, value in _CALLEE_RE.findall(rest)}
+            trips = 1.0
+            if op == "while" and edges.get("condition"):
+                count = _trip_count(rest, computations.get(edges["condition"][0], []))
+                if count is None:
+                    unknown.append(name)
+                trips = float(count or 1)
+            for kind, callees in edges.items():
+                for callee in callees:
+                    callers.setdefault(callee, []).append((comp, trips if kind == "body" else 1.0))
+
+    memo: dict[str, float] = {}
+
+    def executions(comp: str) -> float:
+        if comp == entry:
+            return 1.0
+        if comp not in memo:
+            memo[comp] = 0.0  # guards against cycles (none in valid HLO)
+            memo[comp] = sum(executions(caller) * mult for caller, mult in callers.get(comp, ()))
+        return memo[comp]
+
+    result = {kind: dict(ops=0, per_step=0.0, bytes_per_step=0.0) for kind in COLLECTIVES}
+    for comp, instrs in computations.items():
+        symbols = {name: type_ for name, type_, _, _ in instrs}
+        for name, type_, op, rest in instrs:
+            base = op[:-len("-start")] if op.endswith("-start") else op
+            if base not in COLLECTIVES:
+                continue
+            if base == "reduce-scatter":
+                operands = re.findall(r"%([^\s,)]+)", rest.split(")", 1)[0])
+                size = sum(sum(_array_sizes(symbols.get(o, ""))) for o in operands)
+            else:
+                sizes = _array_sizes(type_)
+                size = max(sizes, default=0.0) if op.endswith("-start") or base == "all-gather" else sum(sizes)
+            runs = executions(comp)
+            entry_ = result[base]
+            entry_["ops"] += 1
+            entry_["per_step"] += runs
+            entry_["bytes_per_step"] += runs * size
+    for value in result.values():
+        value["per_step"] = int(round(value["per_step"]))
+        value["bytes_per_step"] = int(round(value["bytes_per_step"]))
+    result["unknown_trip_counts"] = unknown
+    return result
+
+
+# --------------------------------------------------------------------------------------------- compile
+
+
+_OOM_RE = re.compile(r"RESOURCE_EXHAUSTED[^\n]*")
+
+
+def _oom_line(error: Exception) -> Optional[str]:
+    match = _OOM_RE.search(str(error))
+    return match.group(0).strip() if match else None
+
+
+def _knobs(cfg, mesh_shape: tuple, num_devices: int) -> list[str]:
+    data_axis, expert_axis, model_axis = mesh_shape
+    knobs = []
+    if not cfg.mesh.get("fsdp", False) and data_axis > 1:
+        knobs.append(f"FSDP over 'data' (--config.mesh.fsdp=True: parameters and optimizer state split "
+                     f"{data_axis} ways more)")
+    experts = cfg.model.moe.num_experts
+    if experts and expert_axis < experts and experts % (expert_axis * 2) == 0 and num_devices % (expert_axis * 2) == 0:
+        knobs.append(f"more expert parallelism (--config.mesh.shape='(-1,{expert_axis * 2},{model_axis})': "
+                     f"{experts // (expert_axis * 2)} experts per chip instead of {experts // expert_axis})")
+    if cfg.model.remat != "full":
+        knobs.append(f"rematerialisation (--config.model.remat=full; now {cfg.model.remat!r}: activations "
+                     f"recomputed in the backward pass instead of stored)")
+    if experts and cfg.model.moe.group_size > 256:
+        knobs.append(f"a smaller routing group (--config.model.moe.group_size={cfg.model.moe.group_size // 4}: "
+                     f"the [G, S, E, C] dispatch tensors shrink with S x C)")
+    knobs.append(f"fewer tokens per chip (--config.data.batch_size={cfg.data.batch_size // 2}) or a larger "
+                 f"topology")
+    return knobs
+
+
+def _does_not_fit(cfg, topology, chip, mesh_shape, state, error, step_name) -> DoesNotFit:
+    oom = _oom_line(error) or str(error).splitlines()[0]
+    needed = re.search(r"required for (.+?) \(([\d.]+\s*[KMGT]i?B?)\) exceeds available HBM \(([\d.]+\s*[KMGT]i?B?)\)",
+                       oom)
+    state_gib = (state["params_per_chip"] + state["optimizer_per_chip"]) / GiB
+    if needed:
+        what = f"{needed.group(2)} of {needed.group(1)} per chip against {needed.group(3)} of usable HBM"
+    else:
+        what = f"more than the {chip.usable_hbm_bytes / GiB:.2f} GiB of usable HBM per chip"
+    knobs = _knobs(cfg, mesh_shape, math.prod(mesh_shape))
+    message = (
+        f"Does not fit: the {step_name} of this config (model d_model={cfg.model.d_model}, "
+        f"{cfg.model.num_layers} layers, {cfg.model.moe.num_experts} experts, batch {cfg.data.batch_size} x "
+        f"{cfg.data.seq_len}) on --topology={topology} ({math.prod(mesh_shape)} x {chip.name}, "
+        f"{chip.hbm_bytes / GiB:.0f} GiB HBM each) with mesh (data, expert, model) = {tuple(mesh_shape)} needs "
+        f"{what}; parameters and optimizer state alone take {state_gib:.2f} GiB per chip. What helps: "
+        + "; ".join(knobs) + f". (XLA: {oom})")
+    return DoesNotFit(message, dict(fits=False, message=message, xla_message=oom))
+
+
+STEPS = ("train_step", "eval_step")
+
+
+def trace_steps(cfg, devices, steps=STEPS) -> tuple[train.TrainSetup, dict]:
+    """The trainer's own `train.setup(cfg, devices)` and its jitted steps traced from abstract shapes (the
+    train state and a [batch_size, seq_len] batch, as ShapeDtypeStructs with their shardings) under
+    `jax.set_mesh`, as `train.train` runs them. Returns (setup, {step name: (jax Traced, seconds)})."""
+    run = train.setup(cfg, devices)
+    batch = run.abstract_batch(cfg.data.batch_size, cfg.data.seq_len)
+    traced = {}
+    with jax.set_mesh(run.mesh):  # the mesh under which `sharding.constrain` pins layouts
+        for name in steps:
+            start = time.perf_counter()
+            traced[name] = (getattr(run, name).trace(run.abstract_state, batch), time.perf_counter() - start)
+    return run, traced
+
+
+def _compile(traced, trace_s, mesh):
+    times = dict(trace_s=trace_s)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        lowered = traced.lower()
+    times["lower_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    times["compile_s"] = time.perf_counter() - start
+    return compiled, times
+
+
+def _memory(compiled, chip: Chip) -> dict:
+    ma = compiled.memory_analysis()
+    arguments, outputs = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+    aliased, temporaries = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
+    code = int(ma.generated_code_size_in_bytes)
+    total = arguments + outputs - aliased + temporaries + code
+    return dict(arguments=arguments, outputs=outputs, aliased=aliased, temporaries=temporaries,
+                generated_code=code, total=total, hbm=int(chip.hbm_bytes), usable_hbm=int(chip.usable_hbm_bytes),
+                fraction_of_usable_hbm=total / chip.usable_hbm_bytes)
+
+
+def _step_report(name, traced, trace_s, mesh, chip, num_chips, model_flops_per_step, cfg, topology, mesh_shape,
+                 state) -> tuple[dict, str]:
+    try:
+        compiled, times = _compile(traced, trace_s, mesh)
+    except Exception as error:  # XLA raises JaxRuntimeError; only RESOURCE_EXHAUSTED becomes DoesNotFit
+        if _oom_line(error) is None:
+            raise
+        raise _does_not_fit(cfg, topology, chip, mesh_shape, state, error, name) from None
+    hlo = compiled.as_text()
+    flops_global = matmul_flops(traced.jaxpr)
+    flops_per_chip = flops_global / num_chips
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    report = dict(
+        **times,
+        memory_per_chip=_memory(compiled, chip),
+        flops=dict(
+            matmul_per_chip=flops_per_chip,
+            matmul_global=flops_global,
+            model_per_chip=model_flops_per_step / num_chips if model_flops_per_step else None,
+            xla_cost_analysis_per_chip_loop_bodies_once=float(cost.get("flops", 0.0)) if cost else None,
+        ),
+        step_time_floor_s=flops_per_chip / chip.peak_bf16_flops,
+        collectives=hlo_collectives(hlo),
+    )
+    return report, hlo
+
+
+def dry_run(cfg, topology: str, *, include_eval: bool = True) -> dict:
+    """Compile `cfg`'s train step (and eval step) for `topology`; the report as a dict (see module doc).
+
+    Raises DryRunError for a bad topology / mesh / missing libtpu, ValueError for a bad config (as the trainer
+    does), DoesNotFit when the step needs more HBM than the chip has.
+    """
+    chip, devices = topology_devices(topology)
+    num_chips = len(devices)
+    try:
+        sharding.mesh_shape(cfg.mesh.shape, num_chips)
+    except ValueError as error:
+        raise DryRunError(f"--topology={topology} has {num_chips} chips, and {error}; set mesh.shape so that "
+                          f"data x expert x model = {num_chips}, or let one axis take the rest with -1 "
+                          f"(e.g. --config.mesh.shape='(-1,{cfg.mesh.shape[1]},{cfg.mesh.shape[2]})')") from None
+    config_validation.validate(cfg, num_devices=num_chips)  # the trainer's own checks (ValueError)
+    run, traced = trace_steps(cfg, devices, STEPS if include_eval else STEPS[:1])
+    mesh_shape = tuple(run.mesh.shape[a] for a in ("data", "expert", "model"))
+    state = state_bytes(run.abstract_state)
+    model, _ = nnx.merge(run.graphdef, run.abstract_state)
+    params = model_lib.count_params(model)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    model_flops = model_lib.flops_per_token(model, cfg.data.seq_len) * tokens
+
+    common = dict(mesh=run.mesh, chip=chip, num_chips=num_chips, cfg=cfg, topology=topology,
+                  mesh_shape=mesh_shape, state=state)
+    train_report, _ = _step_report("train step", *traced["train_step"], model_flops_per_step=model_flops,
+                                   **common)
+    report = dict(
+        fits=True,
+        topology=topology,
+        chip=dict(name=chip.name, count=num_chips, peak_bf16_flops=chip.peak_bf16_flops, hbm_bytes=int(chip.hbm_bytes),
+                  usable_hbm_bytes=int(chip.usable_hbm_bytes), source=chip.source,
+                  usable_hbm_source="XLA's 'available HBM' in its out-of-memory message for this chip"),
+        mesh=dict(zip(("data", "expert", "model"), mesh_shape), fsdp=bool(cfg.mesh.get("fsdp", False))),
+        tokens_per_step=tokens,
+        params=dict(total=params["total"], active_per_token=params["active"], expert=params["expert"],
+                    embedding=params["embedding"]),
+        state_bytes=state,
+        train_step=train_report,
+    )
+    if include_eval:
+        eval_report, _ = _step_report("eval step", *traced["eval_step"], model_flops_per_step=model_flops / 3,
+                                      **common)
+        report["eval_step"] = eval_report
+    return report
+
+
+# --------------------------------------------------------------------------------------------- text
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_report(report: dict) -> str:
+    chip, mesh, params, state = report["chip"], report["mesh"], report["params"], report["state_bytes"]
+    lines = [
+        f"{report['topology']}: {chip['count']} x {chip['name']} ({_size(chip['hbm_bytes'])} HBM, "
+        f"{_size(chip['usable_hbm_bytes'])} usable; {chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 peak — "
+        f"{chip['source']}); mesh data={mesh['data']} expert={mesh['expert']} model={mesh['model']}"
+        f"{' fsdp' if mesh['fsdp'] else ''}",
+        f"params: {_count(params['total'])} total, {_count(params['active_per_token'])} active per token "
+        f"({_count(params['expert'])} in routed experts); {report['tokens_per_step']} tokens per step",
+        f"per chip: params {_size(state['params_per_chip'])} (experts {_size(state['expert_params_per_chip'])} "
+        f"of {_size(state['expert_params_total'])}), optimizer state {_size(state['optimizer_per_chip'])}",
+    ]
+    for key in ("train_step", "eval_step"):
+        step = report.get(key)
+        if step is None:
+            continue
+        mem, flops, coll = step["memory_per_chip"], step["flops"], step["collectives"]
+        lines.append(
+            f"{key.replace('_', ' ')}: compiled in {step['compile_s']:.1f} s (trace {step['trace_s']:.1f} s, lower "
+            f"{step['lower_s']:.1f} s)")
+        lines.append(
+            f"  memory per chip: {_size(mem['total'])} = arguments {_size(mem['arguments'])} + outputs "
+            f"{_size(mem['outputs'])} - aliased {_size(mem['aliased'])} + temporaries {_size(mem['temporaries'])}"
+            f" + code {_size(mem['generated_code'])}; {100 * mem['fraction_of_usable_hbm']:.1f}% of usable HBM")
+        model_flops = flops["model_per_chip"]
+        lines.append(
+            f"  FLOPs per chip per step: {flops['matmul_per_chip']:.3e} (matmuls as compiled)"
+            + (f", {model_flops:.3e} model (6N + attention)" if model_flops else "")
+            + f"; step-time floor at peak {step['step_time_floor_s'] * 1e3:.2f} ms")
+        parts = [f"{kind} {coll[kind]['per_step']}x ({coll[kind]['ops']} ops) {_size(coll[kind]['bytes_per_step'])}"
+                 for kind in COLLECTIVES if coll[kind]["ops"]]
+        lines.append("  collectives per step per chip: " + ("; ".join(parts) or "none"))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+_FLAGS: dict = {}
+
+
+def _define_flags() -> None:
+    """The command's flags, defined only when run as a command (importing this module defines none)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    _FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", None, "Experiment config file (with an optional :arg), as for moe_jax.main.", lock_config=True)
+    _FLAGS["topology"] = flags.DEFINE_string(
+        "topology", None, "TPU topology, GENERATION:SHAPE: " + "; ".join(
+            f"{gen}:{{{','.join(chip.shapes)}}}" for gen, chip in CHIPS.items()))
+    _FLAGS["workdir"] = flags.DEFINE_string("workdir", "runs/dryrun", "Where dryrun.json (and libtpu's logs) go.")
+    _FLAGS["eval"] = flags.DEFINE_bool("eval", True, "Also compile the eval step.")
+    flags.mark_flags_as_required(["config", "topology"])
+
+
+def main(argv) -> int:
+    del argv
+    workdir = _FLAGS["workdir"].value
+    os.makedirs(workdir, exist_ok=True)
+    os.environ.setdefault("TPU_LOG_DIR", os.path.join(os.path.abspath(workdir), "tpu_logs"))
+    topology = _FLAGS["topology"].value
+    path = os.path.join(workdir, "dryrun.json")
+    try:
+        report = dry_run(_FLAGS["config"].value, topology, include_eval=_FLAGS["eval"].value)
+    except DoesNotFit as error:
+        with open(path, "w") as f:
+            json.dump(dict(error.report, topology=topology), f, indent=2)
+        print(str(error), file=sys.stderr)
+        print(f"wrote {path}", file=sys.stderr)
+        return 3
+    except ValueError as error:  # DryRunError and the trainer's config errors
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(format_report(report))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
