@@ -225,10 +225,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
 
-    train_iter = data.make_train_iterator(cfg.data, process_index=jax.process_index(),
-                                          process_count=jax.process_count())
-    eval_batches = [sharding.shard_batch(b, run.mesh) for b in data.make_eval_batches(
-        cfg.data, cfg.train.eval_steps, process_index=jax.process_index(), process_count=jax.process_count())]
+    block = dict(process_index=process_batch_block(run.batch_sharding, cfg.data.batch_size),
+                 process_count=jax.process_count())
+    train_iter = data.make_train_iterator(cfg.data, **block)
+    eval_batches = [sharding.shard_batch(b, run.mesh)
+                    for b in data.make_eval_batches(cfg.data, cfg.train.eval_steps, **block)]
     floor = data.entropy_floor(cfg.data)
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints)
     restored = checkpointer.restore_latest(run.abstract_state, train_iter)
@@ -309,6 +310,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
     last["step"] = step
     last["interrupted"] = stop.requested
     return last
+
+
+def process_batch_block(batch_sharding: jax.sharding.NamedSharding, batch_size: int) -> int:
+    """Which block of batch_size / process_count consecutive global rows this process's devices hold.
+
+    `jax.make_array_from_process_local_data` takes each process's rows as one contiguous block of the global
+    batch; the data pipeline builds block i for `process_index=i`. On the usual meshes block i is process i,
+    but the mesh decides, so ask the sharding.
+    """
+    rows = set()
+    for index in batch_sharding.addressable_devices_indices_map((batch_size, 1)).values():
+        rows.update(range(*index[0].indices(batch_size)))
+    per_process = batch_size // jax.process_count()
+    first = min(rows)
+    if len(rows) != per_process or first % per_process or max(rows) != first + per_process - 1:
+        raise ValueError(f"this process's devices hold global batch rows {sorted(rows)[:4]}...{sorted(rows)[-2:]}"
+                         f", not one block of {per_process} consecutive rows: order mesh devices by process")
+    return first // per_process
 
 
 def _abstract_model(run: TrainSetup):

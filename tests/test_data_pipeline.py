@@ -52,15 +52,18 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path, source):
 
 
 def decoded_documents(batches, tokenizer):
-    """Documents reassembled from packed rows (a split document continues in the next row)."""
-    stream = np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in batches for _ in [0]])
-    docs, current = [], []
-    for t in stream:
-        if t == tokenizer.eos_id:
-            docs.append(tokenizer.decode(current))
-            current = []
-        else:
-            current.append(t)
+    """Documents reassembled from packed rows. With the default data.num_shards (one per row) row r of every
+    batch continues row r of the previous batch, and a split document continues there."""
+    docs = []
+    for row in range(batches[0]["inputs"].shape[0]):
+        stream = np.concatenate([b["inputs"][row][b["segment_ids"][row] > 0] for b in batches])
+        current = []
+        for t in stream:
+            if t == tokenizer.eos_id:
+                docs.append(tokenizer.decode(current))
+                current = []
+            else:
+                current.append(t)
     return docs
 
 
@@ -86,6 +89,24 @@ def test_synthetic_hosts_differ_and_local_batch_is_a_share():
     b = next(data.make_train_iterator(cfg, process_index=1, process_count=2))
     assert a["inputs"].shape == (2, 16)
     assert not np.array_equal(a["inputs"], b["inputs"])
+
+
+@pytest.mark.parametrize("source, num_shards", [("synthetic", 0), ("jsonl", 0), ("jsonl", 4)])
+def test_global_batch_does_not_depend_on_the_process_count(tmp_path, source, num_shards):
+    """Processes' rows, concatenated in process order, are the one-process batch, batch after batch."""
+    cfg = file_config(tmp_path, n=200)[0] if source == "jsonl" else data.default_config()
+    cfg.update(seq_len=16, batch_size=8, num_shards=num_shards)
+    one = take(data.make_train_iterator(cfg, process_index=0, process_count=1), 6)
+    for count in (2, 4):
+        parts = [take(data.make_train_iterator(cfg, process_index=p, process_count=count), 6) for p in range(count)]
+        joined = [{k: np.concatenate([part[i][k] for part in parts]) for k in one[i]} for i in range(6)]
+        assert_same(joined, one)
+    evals = [data.make_eval_batches(cfg, 2, process_index=p, process_count=2) for p in range(2)]
+    assert_same([{k: np.concatenate([e[i][k] for e in evals]) for k in evals[0][i]} for i in range(2)],
+                data.make_eval_batches(cfg, 2, process_index=0, process_count=1))
+    with pytest.raises(ValueError, match="num_shards=3.*must divide data.batch_size=8"):
+        cfg.num_shards = 3
+        data.make_train_iterator(cfg, process_index=0, process_count=1)
 
 
 @pytest.mark.parametrize("source", ["synthetic", "jsonl"])

@@ -31,7 +31,8 @@ def test_sentencepiece_train_load_round_trip_and_pipeline(tmp_path):
     assert tok.decode(tok.encode("the cat sat on the red mat")) == "the cat sat on the red mat"
     (tmp_path / "c.txt").write_text("\n".join(CORPUS))
     cfg = data.default_config()
-    cfg.update(source="text", paths=str(tmp_path / "c.txt"), tokenizer=path, seq_len=32, batch_size=2)
+    cfg.update(source="text", paths=str(tmp_path / "c.txt"), tokenizer=path, seq_len=32, batch_size=2,
+               num_shards=1)  # one packed stream: the two rows are 64 consecutive tokens
     batch = next(data.make_train_iterator(cfg, process_index=0, process_count=1))
     assert batch["inputs"].max() < 60 and (batch["inputs"] == tok.eos_id).any()
 

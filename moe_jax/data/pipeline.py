@@ -1,15 +1,22 @@
 """The input pipeline: documents -> shard -> shuffle -> tokenize + EOS -> pack -> batch -> prefetch (grain).
 
-Each process reads only its shard of documents (`documents[process_index::process_count]`) and yields
-`batch_size / process_count` rows: dicts of numpy arrays [B_local, L] -- `inputs`, `targets` (int32),
+The global batch does not depend on how many processes build it. Its `batch_size` rows are cut into
+`num_shards` logical data shards (`data.num_shards`; 0 = one per row) of consecutive rows; shard s packs its
+own stream of documents `documents[s::num_shards]` (shuffled with its own seed) into its rows of every batch.
+Process p of P builds the contiguous block of shards [p S/P, (p+1) S/P), reading only their documents, and
+yields `batch_size / process_count` rows: dicts of numpy arrays [B_local, L] -- `inputs`, `targets` (int32),
 `loss_weights` (float32), `segment_ids` (1..n per row, 0 padding), `positions` (int32), plus `domains`
-(int32, -1 on padding) for the synthetic source. The train iterator repeats the data forever with a fresh
-seeded shuffle each epoch and is a grain DatasetIterator: save/restore it with
+(int32, -1 on padding) for the synthetic source. So 1 process x 8 devices and 2 processes x 4 devices train
+on the same global batches (`jax.make_array_from_process_local_data` concatenates the processes' blocks).
+The train iterator repeats the data forever with a fresh seeded shuffle each epoch and is a grain
+DatasetIterator (the state of every local shard): save/restore it with
 `grain.checkpoint.CheckpointSave/CheckpointRestore` and the next batch is the one that was due.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from typing import Optional
 
 import grain
@@ -35,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.tokenizer = "byte"  # 'byte' or a SentencePiece '<path>.model' (ignored by the synthetic source)
     c.seq_len = 128
     c.batch_size = 32  # global, over all processes
+    c.num_shards = 0  # logical data shards, each a packed stream of its own rows; 0 = one per row
     c.seed = 0
     c.num_threads = 2  # grain read threads per process
     c.prefetch = 4  # grain read-ahead buffer (elements) per process
@@ -45,7 +53,22 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _shard(config, process_index, process_count) -> tuple[int, int, int]:
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """This process's share of the global batch: logical shards [first, first + local) of `total`."""
+
+    process_count: int
+    total: int  # S logical shards
+    first: int
+    local: int
+    rows_per_shard: int
+
+    @property
+    def rows(self) -> int:
+        return self.local * self.rows_per_shard
+
+
+def _layout(config, process_index, process_count) -> _Layout:
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
@@ -55,7 +78,12 @@ def _shard(config, process_index, process_count) -> tuple[int, int, int]:
             raise ValueError(f"data.{key}={config[key]!r} must be a positive integer")
     if config.batch_size % count:
         raise ValueError(f"data.batch_size={config.batch_size} must be a multiple of the {count} processes")
-    return index, count, config.batch_size // count
+    total = config.get("num_shards", 0) or config.batch_size
+    if total < 0 or config.batch_size % total or total % count:
+        raise ValueError(f"data.num_shards={config.num_shards} (0 = data.batch_size) must divide data.batch_size="
+                         f"{config.batch_size} and be a multiple of the {count} processes")
+    local = total // count
+    return _Layout(count, total, index * local, local, config.batch_size // total)
 
 
 class _Tokenize:
@@ -89,76 +117,95 @@ class _Synthetic:
 _SYNTHETIC_DOCUMENTS = 1 << 40
 
 
-def _documents(config, split: str, index: int, count: int) -> grain.MapDataset:
-    """This process's tokenized documents of `split`, in fixed order (entries may be None = skipped)."""
+def _documents(config, split: str, layout: _Layout) -> list[grain.MapDataset]:
+    """Tokenized documents of each of this process's shards of `split`, in fixed order (None = skipped)."""
+    shards = range(layout.first, layout.first + layout.local)
     if config.source == "synthetic":
         corpus = synthetic.SyntheticCorpus.from_config(config)
-        return grain.MapDataset.range(_SYNTHETIC_DOCUMENTS)[index::count].map(
-            _Synthetic(corpus, 0 if split == "train" else 1))
+        stream = grain.MapDataset.range(_SYNTHETIC_DOCUMENTS).map(_Synthetic(corpus, 0 if split == "train" else 1))
+        return [stream[s::layout.total] for s in shards]
     docs = sources.text_dataset(config, split)
-    if len(docs) < count:
-        raise ValueError(f"data ({config.source}, {split}) has {len(docs)} documents, fewer than the {count} "
-                         "processes reading it")
-    return docs[index::count].map(_Tokenize(tokenizers.make_tokenizer(config)))
+    if len(docs) < layout.process_count:
+        raise ValueError(f"data ({config.source}, {split}) has {len(docs)} documents, fewer than the "
+                         f"{layout.process_count} processes reading it")
+    tokenized = [docs[s::layout.total].map(_Tokenize(tokenizers.make_tokenizer(config))) for s in shards]
+    _check_fills_one_batch(tokenized, config, split, layout.rows)
+    if len(docs) < layout.total:
+        raise ValueError(f"data ({config.source}, {split}) has {len(docs)} documents, fewer than the "
+                         f"{layout.total} logical data shards (data.num_shards={config.num_shards}, 0 = one per "
+                         f"row of data.batch_size): lower data.num_shards")
+    return tokenized
 
 
-def _check_fills_one_batch(docs: grain.MapDataset, config, split: str, rows: int):
+def _check_fills_one_batch(shards: list[grain.MapDataset], config, split: str, rows: int):
     needed, have, seen = rows * config.seq_len, 0, 0
-    for i in range(len(docs)):
-        doc = docs[i]
-        seen += 1
-        if doc is not None:
-            have += len(doc["tokens"])
-            if have >= needed:
-                return
+    for docs in shards:
+        for i in range(len(docs)):
+            doc = docs[i]
+            seen += 1
+            if doc is not None:
+                have += len(doc["tokens"])
+                if have >= needed:
+                    return
     raise ValueError(f"data ({config.source}, {split} split) is too small for one batch: this process's shard "
                      f"has {seen} documents and {have} tokens (EOS included), one batch of {rows} rows x "
                      f"data.seq_len {config.seq_len} needs {needed}")
 
 
-def _batches(docs: grain.IterDataset, config, rows: int) -> grain.IterDataset:
+def _shard_seed(seed: int, shard: int) -> int:
+    return seed + 1_000_003 * shard  # shard 0 keeps `seed`: one shard is the plain seeded shuffle
+
+
+def _batches(shards: list[grain.MapDataset], config, layout: _Layout, read: grain.ReadOptions) -> grain.IterDataset:
+    """Endless rows of every local shard, packed separately and concatenated in shard order per batch."""
     tokenizer = tokenizers.make_tokenizer(config)
     features = packing.LmFeatures(tokenizer.pad_id, with_domains=config.source == "synthetic")
-    return packing.pack(docs, config.seq_len).map(features).batch(rows, drop_remainder=True)
+    if len(shards) > 1:  # one prefetch thread above the zip, rather than read threads per shard
+        read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    streams = [packing.pack(docs.to_iter_dataset(read), config.seq_len).map(features)
+               .batch(layout.rows_per_shard, drop_remainder=True) for docs in shards]
+    if len(streams) == 1:
+        return streams[0]
+    return grain.experimental.ZipIterDataset(streams).map(_concatenate_rows)
+
+
+def _concatenate_rows(parts: tuple) -> dict:
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def make_train_iterator(config, *, process_index: Optional[int] = None,
                         process_count: Optional[int] = None) -> grain.DatasetIterator:
-    """Endless, checkpointable iterator of this process's train batches ([batch_size / process_count, L])."""
-    index, count, rows = _shard(config, process_index, process_count)
-    docs = _documents(config, "train", index, count)
+    """Endless, checkpointable iterator of this process's rows of every train batch ([batch_size / count, L]).
+
+    Process `process_index` gets rows [i B/P, (i+1) B/P) of the global batch, whatever P is.
+    """
+    layout = _layout(config, process_index, process_count)
+    shards = _documents(config, "train", layout)
     if config.source != "synthetic":
-        _check_fills_one_batch(docs, config, "train", rows)
-        docs = docs.shuffle(seed=config.seed).repeat(None)
+        shards = [docs.shuffle(seed=_shard_seed(config.seed, s)).repeat(None)
+                  for s, docs in zip(range(layout.first, layout.first + layout.local), shards)]
     read = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch)
-    ds = _batches(docs.to_iter_dataset(read), config, rows)
+    ds = _batches(shards, config, layout, read)
     if config.num_workers > 0:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app.run, use defaults
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+    elif layout.local > 1 and config.prefetch > 0:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=config.prefetch)
     return iter(ds)
 
 
 def make_eval_batches(config, num_batches: int, *, process_index: Optional[int] = None,
                       process_count: Optional[int] = None) -> list[dict]:
-    """`num_batches` held-out batches in a fixed order (the same every call, whatever `data.seed`).
-
-    When one pass over the eval documents gives fewer batches, the pass is repeated (in the same order) so
-    every process returns exactly `num_batches`.
-    """
-    index, count, rows = _shard(config, process_index, process_count)
-    docs = _documents(config, "eval", index, count)
-    if config.source != "synthetic":
-        _check_fills_one_batch(docs, config, "eval", rows)
-    one_pass = _batches(docs.to_iter_dataset(grain.ReadOptions(num_threads=0)), config, rows)
-    batches = []
-    for batch in one_pass:
-        batches.append(batch)
-        if len(batches) == num_batches:
-            return batches
-    return [batches[i % len(batches)] for i in range(num_batches)]
+    """This process's rows of `num_batches` held-out batches in a fixed order (the same every call, whatever
+    `data.seed` or the process count). A shard that runs out of held-out documents starts over."""
+    layout = _layout(config, process_index, process_count)
+    shards = [docs.repeat(None) if config.source != "synthetic" else docs
+              for docs in _documents(config, "eval", layout)]
+    batches = _batches(shards, config, layout, grain.ReadOptions(num_threads=0))
+    return list(itertools.islice(iter(batches), num_batches))
 
 
 def entropy_floor(config) -> Optional[float]:
