@@ -19,6 +19,7 @@ The report (printed, and written to `<workdir>/dryrun.json`):
     all-gather, reduce-scatter and collective-permute, static (ops in the HLO) and per step (ops inside
     the layer loop counted once per iteration);
   * trace, lower and compile times.
+The command also writes the compiled HLO of each step (`<workdir>/train_step.hlo.txt`, `eval_step.hlo.txt`).
 A config that does not fit raises `DoesNotFit` with one paragraph (bytes needed vs available and the knobs
 that help) instead of XLA's RESOURCE_EXHAUSTED traceback.
 """
@@ -293,6 +294,7 @@ def hlo_collectives(text: str) -> dict:
         return memo[comp]
 
     result = {kind: dict(ops=0, per_step=0.0, bytes_per_step=0.0) for kind in COLLECTIVES}
+    largest = []
     for comp, instrs in computations.items():
         symbols = {name: type_ for name, type_, _, _ in instrs}
         for name, type_, op, rest in instrs:
@@ -310,10 +312,14 @@ def hlo_collectives(text: str) -> dict:
             entry_["ops"] += 1
             entry_["per_step"] += runs
             entry_["bytes_per_step"] += runs * size
+            source = re.search(r'op_name="([^"]*)"', rest)
+            largest.append(dict(kind=base, type=type_.split("{")[0], per_step=int(round(runs)),
+                                bytes_per_step=int(round(runs * size)), op_name=source.group(1) if source else ""))
     for value in result.values():
         value["per_step"] = int(round(value["per_step"]))
         value["bytes_per_step"] = int(round(value["bytes_per_step"]))
     result["unknown_trip_counts"] = unknown
+    result["largest"] = sorted(largest, key=lambda c: -c["bytes_per_step"])[:8]  # where the bytes come from
     return result
 
 
@@ -331,9 +337,10 @@ def _oom_line(error: Exception) -> Optional[str]:
 def _knobs(cfg, mesh_shape: tuple, num_devices: int) -> list[str]:
     data_axis, expert_axis, model_axis = mesh_shape
     knobs = []
-    if not cfg.mesh.get("fsdp", False) and data_axis > 1:
+    if not cfg.mesh.get("fsdp", False):
         knobs.append(f"FSDP over 'data' (--config.mesh.fsdp=True: parameters and optimizer state split "
-                     f"{data_axis} ways more)")
+                     f"{data_axis} ways more)" if data_axis > 1 else
+                     "FSDP over 'data' (--config.mesh.fsdp=True) on a topology with room for data > 1")
     experts = cfg.model.moe.num_experts
     if experts and expert_axis < experts and experts % (expert_axis * 2) == 0 and num_devices % (expert_axis * 2) == 0:
         knobs.append(f"more expert parallelism (--config.mesh.shape='(-1,{expert_axis * 2},{model_axis})': "
@@ -349,7 +356,7 @@ def _knobs(cfg, mesh_shape: tuple, num_devices: int) -> list[str]:
     return knobs
 
 
-def _does_not_fit(cfg, topology, chip, mesh_shape, state, error, step_name) -> DoesNotFit:
+def _does_not_fit(cfg, topology, chip, mesh_shape, state, error, step_name, config_name) -> DoesNotFit:
     oom = _oom_line(error) or str(error).splitlines()[0]
     needed = re.search(r"required for (.+?) \(([\d.]+\s*[KMGT]i?B?)\) exceeds available HBM \(([\d.]+\s*[KMGT]i?B?)\)",
                        oom)
@@ -360,7 +367,7 @@ def _does_not_fit(cfg, topology, chip, mesh_shape, state, error, step_name) -> D
         what = f"more than the {chip.usable_hbm_bytes / GiB:.2f} GiB of usable HBM per chip"
     knobs = _knobs(cfg, mesh_shape, math.prod(mesh_shape))
     message = (
-        f"Does not fit: the {step_name} of this config (model d_model={cfg.model.d_model}, "
+        f"Does not fit: the {step_name} of {config_name or 'this config'} (d_model={cfg.model.d_model}, "
         f"{cfg.model.num_layers} layers, {cfg.model.moe.num_experts} experts, batch {cfg.data.batch_size} x "
         f"{cfg.data.seq_len}) on --topology={topology} ({math.prod(mesh_shape)} x {chip.name}, "
         f"{chip.hbm_bytes / GiB:.0f} GiB HBM each) with mesh (data, expert, model) = {tuple(mesh_shape)} needs "
@@ -410,13 +417,13 @@ def _memory(compiled, chip: Chip) -> dict:
 
 
 def _step_report(name, traced, trace_s, mesh, chip, num_chips, model_flops_per_step, cfg, topology, mesh_shape,
-                 state) -> tuple[dict, str]:
+                 state, config_name) -> tuple[dict, str]:
     try:
         compiled, times = _compile(traced, trace_s, mesh)
     except Exception as error:  # XLA raises JaxRuntimeError; only RESOURCE_EXHAUSTED becomes DoesNotFit
         if _oom_line(error) is None:
             raise
-        raise _does_not_fit(cfg, topology, chip, mesh_shape, state, error, name) from None
+        raise _does_not_fit(cfg, topology, chip, mesh_shape, state, error, name, config_name) from None
     hlo = compiled.as_text()
     flops_global = matmul_flops(traced.jaxpr)
     flops_per_chip = flops_global / num_chips
@@ -437,7 +444,8 @@ def _step_report(name, traced, trace_s, mesh, chip, num_chips, model_flops_per_s
     return report, hlo
 
 
-def dry_run(cfg, topology: str, *, include_eval: bool = True) -> dict:
+def dry_run(cfg, topology: str, *, include_eval: bool = True, hlo_texts: Optional[dict] = None,
+            config_name: str = "") -> dict:
     """Compile `cfg`'s train step (and eval step) for `topology`; the report as a dict (see module doc).
 
     Raises DryRunError for a bad topology / mesh / missing libtpu, ValueError for a bad config (as the trainer
@@ -461,11 +469,14 @@ def dry_run(cfg, topology: str, *, include_eval: bool = True) -> dict:
     model_flops = model_lib.flops_per_token(model, cfg.data.seq_len) * tokens
 
     common = dict(mesh=run.mesh, chip=chip, num_chips=num_chips, cfg=cfg, topology=topology,
-                  mesh_shape=mesh_shape, state=state)
-    train_report, _ = _step_report("train step", *traced["train_step"], model_flops_per_step=model_flops,
-                                   **common)
+                  mesh_shape=mesh_shape, state=state, config_name=config_name)
+    train_report, hlo = _step_report("train step", *traced["train_step"], model_flops_per_step=model_flops,
+                                     **common)
+    if hlo_texts is not None:
+        hlo_texts["train_step"] = hlo
     report = dict(
         fits=True,
+        config=config_name,
         topology=topology,
         chip=dict(name=chip.name, count=num_chips, peak_bf16_flops=chip.peak_bf16_flops, hbm_bytes=int(chip.hbm_bytes),
                   usable_hbm_bytes=int(chip.usable_hbm_bytes), source=chip.source,
@@ -478,9 +489,11 @@ def dry_run(cfg, topology: str, *, include_eval: bool = True) -> dict:
         train_step=train_report,
     )
     if include_eval:
-        eval_report, _ = _step_report("eval step", *traced["eval_step"], model_flops_per_step=model_flops / 3,
-                                      **common)
+        eval_report, hlo = _step_report("eval step", *traced["eval_step"], model_flops_per_step=model_flops / 3,
+                                        **common)
         report["eval_step"] = eval_report
+        if hlo_texts is not None:
+            hlo_texts["eval_step"] = hlo
     return report
 
 
@@ -504,7 +517,7 @@ def _count(n: float) -> str:
 def format_report(report: dict) -> str:
     chip, mesh, params, state = report["chip"], report["mesh"], report["params"], report["state_bytes"]
     lines = [
-        f"{report['topology']}: {chip['count']} x {chip['name']} ({_size(chip['hbm_bytes'])} HBM, "
+        f"{report['config'] or 'config'} on {report['topology']}: {chip['count']} x {chip['name']} ({_size(chip['hbm_bytes'])} HBM, "
         f"{_size(chip['usable_hbm_bytes'])} usable; {chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 peak — "
         f"{chip['source']}); mesh data={mesh['data']} expert={mesh['expert']} model={mesh['model']}"
         f"{' fsdp' if mesh['fsdp'] else ''}",
@@ -557,6 +570,15 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "topology"])
 
 
+def _config_name() -> str:
+    """The --config value and its overrides, as typed."""
+    from absl import flags
+
+    flag = flags.FLAGS["config"]
+    overrides = " ".join(f"--config.{k}={v}" for k, v in flag.override_values.items())
+    return f"{flag.config_filename} {overrides}".strip()
+
+
 def main(argv) -> int:
     del argv
     workdir = _FLAGS["workdir"].value
@@ -565,7 +587,9 @@ def main(argv) -> int:
     topology = _FLAGS["topology"].value
     path = os.path.join(workdir, "dryrun.json")
     try:
-        report = dry_run(_FLAGS["config"].value, topology, include_eval=_FLAGS["eval"].value)
+        hlo_texts = {}
+        report = dry_run(_FLAGS["config"].value, topology, include_eval=_FLAGS["eval"].value, hlo_texts=hlo_texts,
+                         config_name=_config_name())
     except DoesNotFit as error:
         with open(path, "w") as f:
             json.dump(dict(error.report, topology=topology), f, indent=2)
@@ -577,6 +601,9 @@ def main(argv) -> int:
         return 2
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
+    for name, text in hlo_texts.items():
+        with open(os.path.join(workdir, f"{name}.hlo.txt"), "w") as f:
+            f.write(text)
     print(format_report(report))
     print(f"wrote {path}")
     return 0

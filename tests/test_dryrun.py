@@ -130,7 +130,8 @@ def test_command_writes_report_or_clear_paragraph(tmp_path):
                "--config.model.num_heads=64", f"--workdir={tmp_path}"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 3, result.stderr[-2000:]
-    assert "Does not fit" in result.stderr and "Traceback" not in result.stderr
+    assert "Does not fit: the train step of experiments/tiny_switch.py" in result.stderr
+    assert "--config.model.d_model=8192" in result.stderr and "Traceback" not in result.stderr
     assert json.loads((tmp_path / "dryrun.json").read_text())["fits"] is False
 
 
