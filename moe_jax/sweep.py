@@ -51,6 +51,9 @@ BASES = {
 }
 PAPER_EXPERTS = 128
 PAPER_STEPS = 100_000
+# Laptop sweeps run this share of the tiny configs' steps: the eight sweeps (about 30 runs) then fit in about
+# an hour and a quarter on a shared 2-core CPU. Every variant of a sweep runs the same steps.
+LAPTOP_STEP_FRACTION = 0.5
 STATUS_FILE = "sweep_status.json"
 KEY_FILE = "sweep_key.txt"
 
@@ -85,17 +88,18 @@ class Variant:
 
 
 def base(scale: str, *, dense: bool = False, experts: Optional[int] = None, laptop_steps: Optional[int] = None,
-         paper_steps: int = PAPER_STEPS, evals: int = 10) -> Variant:
+         laptop_fraction: float = 1.0, paper_steps: int = PAPER_STEPS, evals: int = 10) -> Variant:
     """The sweep's starting point at `scale`: tiny_switch / tiny_dense (laptop) or Switch-Base / T5-Base
-    (paper). `experts` changes the expert count (Switch-Base's `:experts=` argument). `laptop_steps` (default:
-    the tiny config's own) / `paper_steps` set the run length; `evals` evaluations are spread over it, and
-    laptop runs save a checkpoint only at the end."""
+    (paper). `experts` changes the expert count (Switch-Base's `:experts=` argument). Run length: laptop
+    `laptop_steps`, or `laptop_fraction` x `LAPTOP_STEP_FRACTION` x the tiny config's steps; paper
+    `paper_steps`. `evals` evaluations are spread over the run; laptop runs checkpoint only at the end."""
     if scale not in SCALES:
         raise SweepError(f"--scale={scale!r} is not one of {SCALES}")
     config = BASES[(scale, "dense" if dense else "moe")]
     if scale == "laptop":
         overrides = {} if dense or experts is None else {"model.moe.num_experts": experts}
-        steps = laptop_steps or int(load_config(Variant(config)).train.steps)
+        steps = laptop_steps or max(1, round(int(load_config(Variant(config)).train.steps) * LAPTOP_STEP_FRACTION
+                                             * laptop_fraction))
     else:
         config, overrides, steps = config.format(experts=experts or PAPER_EXPERTS), {}, paper_steps
     every = max(1, steps // evals)
@@ -209,7 +213,9 @@ def select(sweep: Sweep, names: str) -> dict:
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    """A variant name as a directory name: ASCII letters, digits, '-', '.', single '_' between words."""
+    kept = "".join(c if (c.isascii() and c.isalnum()) or c in "-." else " " for c in name)
+    return "_".join(kept.split()) or "variant"
 
 
 # --------------------------------------------------------------------------------------------- running

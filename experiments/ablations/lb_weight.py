@@ -23,7 +23,7 @@ training loss." No per-α numbers are given.
 
 
 def variants(scale):
-    return {f"α={w:g}": sweep.base(scale).override({"model.moe.aux_loss_weight": w},
+    return {f"lb {w:g}": sweep.base(scale).override({"model.moe.aux_loss_weight": w},
                                                    paper="the paper's choice" if w == 1e-2 else "")
             for w in WEIGHTS}
 
@@ -32,9 +32,9 @@ def analysis(results, scale):
     done = {n: s for n, s in results.items() if math.isfinite(s.final_ce)}
     if len(done) < 2:
         return "Not enough finished runs for an analysis."
-    text = ["α: eval CE / load CV / dropped: " + "; ".join(
+    text = ["Load-balancing weight α: eval CE / load CV / dropped: " + "; ".join(
         f"{n} {s.final_ce:.4f} / {s.load_cv:.2f} / {100 * s.dropped_fraction:.1f}%" for n, s in done.items()) + "."]
-    zero, paper = done.get("α=0"), done.get("α=0.01")
+    zero, paper = done.get("lb 0"), done.get("lb 0.01")
     if zero and paper:
         collapsed = zero.load_cv > 2 * paper.load_cv
         text.append(f"Without the loss the load is {'much' if collapsed else 'only a little'} less balanced "
@@ -43,7 +43,7 @@ def analysis(results, scale):
                        ": at this scale and length the router does not collapse on its own") + ".")
         text.append(f"α=1e-2 {'improves' if paper.final_ce < zero.final_ce else 'does not improve'} the loss over "
                     f"α=0 ({paper.final_ce:.4f} vs {zero.final_ce:.4f}).")
-    big = done.get("α=0.1")
+    big = done.get("lb 0.1")
     if big and paper:
         text.append(f"α=1e-1 is {big.final_ce - paper.final_ce:+.4f} nats from α=1e-2: "
                     + ("it starts to interfere with the cross-entropy, consistent with the paper's choice of 1e-2."

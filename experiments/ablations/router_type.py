@@ -41,7 +41,8 @@ def variants(scale):
         "bias balanced": b.override({"model.moe.router": "bias_balanced", "model.moe.aux_loss_weight": 0.0},
                                     note="no aux loss"),
         "expert choice": b.override({"model.moe.router": "expert_choice"},
-                                    note="NON-CAUSAL: sees later tokens; loss not a valid LM loss"),
+                                    note="NON-CAUSAL: sees later tokens, loss not a valid LM loss; 'dropped' = "
+                                         "(token, expert) pairs not taken, ~1 - CF/E by design"),
         "dropless": b.override({"model.moe.dispatcher": "dropless"}, note="top-1, no capacity"),
     }
 
@@ -58,9 +59,9 @@ def analysis(results, scale):
     for n, s in done.items():
         if n == "top-1 (Switch)":
             continue
+        dropped = "" if n == "expert choice" else f"{100 * s.dropped_fraction:.1f}% dropped, "
         text.append(f"{n}: {s.final_ce - ref.final_ce:+.4f} vs top-1, load CV {s.load_cv:.2f} (top-1 "
-                    f"{ref.load_cv:.2f}), {100 * s.dropped_fraction:.1f}% dropped, "
-                    f"{s.examples_per_sec / ref.examples_per_sec:.2f}× speed.")
+                    f"{ref.load_cv:.2f}), {dropped}{s.examples_per_sec / ref.examples_per_sec:.2f}× speed.")
     if "expert choice" in done:
         text.append("Expert choice's number is not comparable: in a causal decoder it routes with knowledge of "
                     "later tokens, so a lower loss would partly be leakage, not better routing.")
