@@ -58,12 +58,15 @@ def analysis(results, scale):
             f"with {100 * lo.dropped_fraction:.1f}% / {100 * mid.dropped_fraction:.1f}% / "
             f"{100 * hi.dropped_fraction:.1f}% of assignments dropped in training and "
             f"{lo.examples_per_sec:.0f} / {mid.examples_per_sec:.0f} / {hi.examples_per_sec:.0f} examples/s.")
-        better = hi.final_ce < lo.final_ce
-        text.append(("More capacity helps the loss, as in the paper's top-2 rows. " if better else
-                     "More capacity does not help the loss here. ")
-                     + ("It costs speed, as in the paper." if hi.examples_per_sec < lo.examples_per_sec else
-                        "It does not cost measurable speed here, unlike the paper (our speeds carry load noise, "
-                        "and at this size the expert matmuls are a small part of a step)."))
+        ours = sorted(FACTORS, key=lambda cf: done[name(k, cf)].final_ce)
+        paper = sorted(FACTORS, key=lambda cf: -float(TABLE1[(k, cf)][0]))
+        model = "Switch" if k == 1 else "MoE"
+        slower = hi.examples_per_sec < lo.examples_per_sec
+        text.append(f"Best to worst CF, ours: {' > '.join(map(str, ours))}; paper ({model}-Base): "
+                    f"{' > '.join(map(str, paper))} ({'the same order' if ours == paper else 'a different order'}). "
+                    + ("CF 2.0 costs speed against CF 1.0, as in the paper." if slower
+                       else "CF 2.0 is not slower than CF 1.0 here, unlike the paper (our speeds carry load noise, "
+                            "and at this size the expert matmuls are a small part of a step)."))
     for cf in FACTORS:
         one, two = done.get(name(1, cf)), done.get(name(2, cf))
         if one and two:

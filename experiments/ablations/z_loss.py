@@ -40,7 +40,7 @@ def analysis(results, scale):
             f"threshold 0.01 nats). " + (
                 f"Neither run shows a loss spike (largest rise between logged train losses "
                 f"{off.max_train_loss_jump:.3f} / {on.max_train_loss_jump:.3f} nats), so at this scale the z-loss "
-                f"has no instability to cure; ST-MoE's instabilities appear in much larger models."
+                f"has no instability to cure; ST-MoE reports its instabilities in much larger models."
                 if max(off.max_train_loss_jump, on.max_train_loss_jump) < 0.1 else
                 f"Largest rise between logged train losses: {off.max_train_loss_jump:.3f} without, "
                 f"{on.max_train_loss_jump:.3f} with the z-loss."))
