@@ -19,12 +19,24 @@ width, f hidden width), plus N rows of an expert buffer and A = G*S*K (token, ch
 All three give the same output for the same Routing (to float tolerance): only kept assignments are
 computed, and each comes back multiplied by its combine weight. With a capacity large enough that nothing
 drops, dropless therefore equals the capacity paths. A dropped assignment contributes exactly 0.
+
+Expert parallelism (a `jax.set_mesh` mesh whose 'expert' axis is > 1; groups arrive split over the batch
+axes ('data', 'expert'), expert weights split on E over 'expert'): each device holds only its E / ep experts
+and tokens travel by all-to-all over 'expert'. ``einsum`` pins its [E, G, C, d] buffer to 'expert' and lets
+XLA's partitioner emit the all-to-alls. ``index`` and ``dropless`` run per device under `jax.shard_map`
+with explicit `jax.lax.all_to_all`s (`_expert_parallel`): ``index`` sends each device's [E, G_local C, d]
+buffer, split on E; ``dropless`` sends every kept assignment to the device of its expert in a [ep, A_local, d]
+buffer (sized for the worst case, all to one device: dropless cannot bound the load; `ragged_all_to_all`
+would avoid that padding on TPU / GPU), runs the grouped matmul over its local experts there, and sends the
+rows back. Each kept assignment goes through the same expert matmuls as without a mesh, so the numbers are
+those of the single-device path (up to the order of float sums inside a matmul).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -148,14 +160,83 @@ def apply_experts(
                          f"{routing.num_experts}")
     if name == "einsum":
         return _einsum_dispatch(x_GSd, routing, experts, transport_dtype)
+    grouped_matmul = grouped_matmul or default_grouped_matmul()
     if name == "index":
-        return _index_dispatch(x_GSd, routing, experts)
-    return _dropless_dispatch(x_GSd, routing, experts, grouped_matmul or default_grouped_matmul(), block_size)
+        local = _index_dispatch
+    else:
+        local = functools.partial(_dropless_dispatch, grouped_matmul=grouped_matmul, block_size=block_size)
+    mesh = expert_parallel_mesh(routing.num_groups, routing.num_experts)
+    if mesh is None:
+        return local(x_GSd, routing, experts)
+    return _expert_parallel(local if name == "index" else functools.partial(
+        _dropless_expert_parallel, grouped_matmul=grouped_matmul, block_size=block_size), x_GSd, routing, experts)
 
 
 def default_grouped_matmul() -> str:
     """'ragged' (jax.lax.ragged_dot) on TPU / GPU, 'blocks' on CPU where ragged_dot is dense over groups."""
     return "blocks" if jax.default_backend() == "cpu" else "ragged"
+
+
+# --------------------------------------------------------------------------------------------- expert parallel
+
+EXPERT_AXIS = "expert"
+
+
+def expert_parallel_mesh(num_groups: int, num_experts: int):
+    """The current `jax.set_mesh` mesh if index / dropless should exchange tokens over its 'expert' axis.
+
+    That is when the axis is > 1, E splits over it and the G groups over the batch axes; otherwise None
+    (no mesh, notebooks, 1-device runs: the single-device path).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+        return None
+    groups = math.prod(mesh.shape[a] for a in _group_axes())
+    if mesh.shape[EXPERT_AXIS] == 1 or num_experts % mesh.shape[EXPERT_AXIS] or num_groups % groups:
+        return None
+    return mesh
+
+
+def _group_axes() -> tuple[str, ...]:
+    """Mesh axes the groups (the batch) are split over: ('data', 'expert')."""
+    axes = sharding.logical_to_mesh(("batch",))[0]
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _expert_parallel(local_fn, x_GSd, routing, experts):
+    """`local_fn(x_GSd, routing, experts)` on every device of the current mesh, under `jax.shard_map`.
+
+    Each device gets its groups (split over ('data', 'expert') like the batch) and its E / ep experts (split
+    over 'expert'; gathered over any other axis the kernels are split on, e.g. 'model' or FSDP's 'data').
+    `local_fn` does its own all-to-alls over 'expert'. Expert dropout gets a different key per device.
+    """
+    P = jax.sharding.PartitionSpec
+    groups = P(_group_axes())
+    kernels = {k: v for k, v in (("wi", experts.wi), ("wo", experts.wo), ("wi_gate", experts.wi_gate))
+               if v is not None}
+    rng = experts.dropout_rng
+
+    def local(x_GSd, routing, kernels, rng):
+        # The kernels are the same on every 'data' device; mark them varying there like the tokens, so that
+        # every value (and loop carry) of the local computation has one type. Its transpose sums the
+        # kernels' gradients over 'data'.
+        batch_only = tuple(a for a in _group_axes() if a != EXPERT_AXIS)
+        kernels = {k: jax.lax.pcast(v, batch_only, to="varying") for k, v in kernels.items()}
+        if rng is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(_group_axes()))
+        return local_fn(x_GSd, routing, dataclasses.replace(experts, dropout_rng=rng, **kernels))
+
+    return jax.shard_map(local, in_specs=(groups, groups, {k: P(EXPERT_AXIS) for k in kernels}, P()),
+                         out_specs=groups)(x_GSd, routing, kernels, rng)
+
+
+def _through_experts(experts, x_ENd, exchange: Optional[str]):
+    """experts(x_ENd); with `exchange`, x_ENd [E, N, d] holds every expert's rows from this device and goes
+    to the experts' devices and back: [E, N, d] -> [E/ep, ep*N, d] -> experts -> [E, N, d]."""
+    if exchange is None:
+        return experts(x_ENd)
+    x_ENd = jax.lax.all_to_all(x_ENd, exchange, 0, 1, tiled=True)
+    return jax.lax.all_to_all(experts(x_ENd), exchange, 1, 0, tiled=True)
 
 
 # --------------------------------------------------------------------------------------------- einsum
@@ -188,6 +269,8 @@ def _einsum_dispatch(x_GSd, routing, experts, transport_dtype):
 
 
 def _index_dispatch(x_GSd, routing, experts):
+    """The [E, G*C, d] buffer by gathers; under `_expert_parallel` (experts holds E / ep of them) the buffer
+    is exchanged with the experts' devices."""
     num_groups, group_size, d = x_GSd.shape
     E, C, K = routing.num_experts, routing.buffer_size, routing.num_choices
     num_rows = num_groups * C  # N
@@ -203,7 +286,7 @@ def _index_dispatch(x_GSd, routing, experts):
         token_GSK.reshape(-1), mode="drop", unique_indices=True)
     x_Td = x_GSd.reshape(num_tokens, d)
     x_ENd = x_Td.at[token_of_row].get(mode="fill", fill_value=0).reshape(E, num_rows, d)
-    y_ENd = experts(x_ENd)
+    y_ENd = _through_experts(experts, x_ENd, None if experts.num_experts == E else EXPERT_AXIS)
     y_GSKd = y_ENd.reshape(E * num_rows, d).at[row_GSK].get(mode="fill", fill_value=0)
     y_GSd = jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), routing.weight)
     return y_GSd.astype(x_GSd.dtype)
@@ -246,7 +329,7 @@ def _expert_major_rows(routing: Routing, block_size: int, base: int):
     return row_GSK, over_E, padded_E, num_rows
 
 
-def _dropless_dispatch(x_GSd, routing, experts, grouped_matmul, block_size):
+def _dropless_dispatch(x_GSd, routing, experts, grouped_matmul, block_size, dense_rows=None):
     """Kept assignments in expert-major rows, the expert FFN as a grouped matmul, back and weighted.
 
     'ragged': one ragged_dot per kernel over the exactly-sized expert runs.
@@ -254,14 +337,15 @@ def _dropless_dispatch(x_GSd, routing, experts, grouped_matmul, block_size):
     one batched [E, A/E, d] FFN; rows beyond that, of overloaded experts, in blocks of `block_size` rows
     (`_dense_and_block_grouped`). Empty
     dense rows of underloaded experts cost as much as the overflow, so the waste is about twice the
-    imbalance, plus at most E * (block_size - 1) padding rows.
+    imbalance, plus at most E * (block_size - 1) padding rows. `dense_rows` overrides A/E (the expected
+    rows per expert when most assignments are empty padding, as in `_dropless_expert_parallel`).
     """
     if grouped_matmul not in ("ragged", "blocks"):
         raise ValueError(f"grouped_matmul must be 'ragged' or 'blocks', got {grouped_matmul!r}")
     num_groups, group_size, d = x_GSd.shape
     num_tokens = num_groups * group_size
     E = routing.num_experts
-    base = 0 if grouped_matmul == "ragged" else routing.expert_index.size // E
+    base = 0 if grouped_matmul == "ragged" else routing.expert_index.size // E if dense_rows is None else dense_rows
     block = 1 if grouped_matmul == "ragged" else block_size
     row_GSK, over_E, padded_E, num_rows = _expert_major_rows(routing, block, base)
     token_GSK = jnp.broadcast_to(
@@ -274,6 +358,51 @@ def _dropless_dispatch(x_GSd, routing, experts, grouped_matmul, block_size):
     else:
         y_Rd = _dense_and_block_grouped(x_Rd, base, padded_E, experts, block_size)
     y_GSKd = y_Rd.at[row_GSK].get(mode="fill", fill_value=0)
+    y_GSd = jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), routing.weight)
+    return y_GSd.astype(x_GSd.dtype)
+
+
+def _dropless_expert_parallel(x_GSd, routing, experts, grouped_matmul, block_size):
+    """Dropless on one device of an expert-parallel mesh (inside `_expert_parallel`; `experts` holds this
+    device's E_l = E / ep experts).
+
+    The A = G*S*K local assignments go to their experts' devices: a send buffer [ep, A, d] where device j's
+    block holds, in order, the kept assignments to its experts (A rows: enough if all go to one device).
+    One all-to-all; the ep*A received rows go through the local grouped matmul as one dropless group routed
+    to their local expert (weight 1, empty rows not kept); one all-to-all back; each assignment reads its row
+    and is weighted and summed over its choices as on one device.
+    """
+    num_groups, group_size, d = x_GSd.shape
+    E, E_l = routing.num_experts, experts.num_experts
+    ep = E // E_l
+    A = routing.expert_index.size
+    kept_A = routing.kept.reshape(A)
+    dest_A = jnp.where(kept_A, routing.expert_index.reshape(A) // E_l, ep)
+    onehot_AJ = jax.nn.one_hot(dest_A, ep, dtype=jnp.int32)  # none for dropped (dest ep)
+    pos_A = jnp.sum((jnp.cumsum(onehot_AJ, axis=0) - 1) * onehot_AJ, axis=1)
+    row_A = jnp.where(kept_A, dest_A * A + pos_A, ep * A)
+    num_tokens = num_groups * group_size
+    token_A = jnp.arange(A, dtype=jnp.int32) // routing.num_choices
+    token_of_row = jnp.full((ep * A,), num_tokens, jnp.int32).at[row_A].set(token_A, mode="drop",
+                                                                            unique_indices=True)
+    send_Rd = x_GSd.reshape(num_tokens, d).at[token_of_row].get(mode="fill", fill_value=0)
+    # The local expert of each row, E_l for an empty one.
+    send_R = jnp.full((ep * A,), E_l, jnp.int32).at[row_A].set(routing.expert_index.reshape(A) % E_l, mode="drop",
+                                                             unique_indices=True)
+    recv_Rd = jax.lax.all_to_all(send_Rd, EXPERT_AXIS, 0, 0, tiled=True)
+    recv_R = jax.lax.all_to_all(send_R, EXPERT_AXIS, 0, 0, tiled=True)
+
+    valid_R = recv_R < E_l
+    expert_R = jnp.minimum(recv_R, E_l - 1)
+    onehot_RE = jax.nn.one_hot(jnp.where(valid_R, recv_R, E_l), E_l, dtype=jnp.int32)
+    slot_R = jnp.sum((jnp.cumsum(onehot_RE, axis=0) - 1) * onehot_RE, axis=1)
+    local = Routing(expert_index=expert_R[None, :, None], slot=jnp.where(valid_R, slot_R, ep * A)[None, :, None],
+                    weight=valid_R.astype(jnp.float32)[None, :, None], kept=valid_R[None, :, None],
+                    num_experts=E_l, capacity=None)
+    y_Rd = _dropless_dispatch(recv_Rd[None], local, experts, grouped_matmul, block_size,
+                              dense_rows=A // E_l)[0]
+    back_Rd = jax.lax.all_to_all(y_Rd, EXPERT_AXIS, 0, 0, tiled=True)
+    y_GSKd = back_Rd.at[row_A].get(mode="fill", fill_value=0).reshape(*routing.expert_index.shape, d)
     y_GSd = jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), routing.weight)
     return y_GSd.astype(x_GSd.dtype)
 
@@ -340,7 +469,7 @@ def _overflow_forward(spec, x_Od, weights, expert_B, num_used, rng):
         y_bd = _block_ffn(spec, x_bd, wi[e], wo[e], None if wg is None else wg[e], _block_rng(rng, i))
         return jax.lax.dynamic_update_slice_in_dim(y_Od, y_bd, i * block_size, axis=0)
 
-    return jax.lax.fori_loop(0, num_used, body, jnp.zeros(x_Od.shape, x_Od.dtype))
+    return jax.lax.fori_loop(0, num_used, body, jnp.zeros_like(x_Od))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -384,7 +513,7 @@ def _grouped_ffn_bwd(spec, residuals, cotangents):
         return (dx_Od, dwi.at[e].add(dwi_e), dwo.at[e].add(dwo_e),
                 None if wg is None else dwg.at[e].add(dwg_e))
 
-    dx_Od, dwi, dwo, dwg = jax.lax.fori_loop(0, num_used, body, (jnp.zeros(x_Od.shape, x_Od.dtype), dwi, dwo, dwg))
+    dx_Od, dwi, dwo, dwg = jax.lax.fori_loop(0, num_used, body, (jnp.zeros_like(x_Od), dwi, dwo, dwg))
     return dx_ENd, dx_Od, (dwi, dwo, dwg), None, None, None
 
 

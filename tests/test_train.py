@@ -123,15 +123,17 @@ def test_sigterm_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path
     assert resumed == losses(tmp_path / "straight")
 
 
-def test_sharded_training_on_8_devices_matches_one_device(tmp_path, eight_devices):
+@pytest.mark.parametrize("dispatcher", ["einsum", "index", "dropless"])
+def test_sharded_training_on_8_devices_matches_one_device(tmp_path, eight_devices, dispatcher):
     """data=2, expert=4: the same 5 losses as one device, to 1e-4 relative (float32 reductions in another
-    order); each device holds only its experts' weights."""
+    order); each device holds only its experts' weights. einsum exchanges tokens through XLA's partitioner,
+    index and dropless under jax.shard_map with explicit all-to-alls."""
     one = tiny_config(steps=5, eval_every=100, checkpoint_every=100)
-    one.model.moe.group_size = 32  # one sequence per group: the tokens a device holds at data x expert = 8
-    train.train(one, str(tmp_path / "one"), devices=eight_devices[:1])
+    one.model.moe.update(group_size=32, dispatcher=dispatcher)  # one sequence per group: the tokens a device
+    train.train(one, str(tmp_path / "one"), devices=eight_devices[:1])  # holds at data x expert = 8
     eight = tiny_config(steps=5, eval_every=100, checkpoint_every=100)
     eight.mesh.shape = (2, 4, 1)
-    eight.model.moe.group_size = 32
+    eight.model.moe.update(group_size=32, dispatcher=dispatcher)
     train.train(eight, str(tmp_path / "eight"), devices=eight_devices)
     expected, got = losses(tmp_path / "one"), losses(tmp_path / "eight")
     assert sorted(got) == [1, 2, 3, 4, 5]
@@ -145,12 +147,13 @@ def test_sharded_training_on_8_devices_matches_one_device(tmp_path, eight_device
         assert "expert" in jax.tree.leaves(tuple(kernel_sharding.spec))
 
 
+@pytest.mark.parametrize("dispatcher", ["einsum", "index", "dropless"])
 @pytest.mark.parametrize("mesh_shape, expect_all_to_all", [((2, 4, 1), True), ((8, 1, 1), False)])
 def test_compiled_train_step_exchanges_tokens_by_all_to_all_over_the_expert_axis(
-        eight_devices, mesh_shape, expect_all_to_all):
+        eight_devices, mesh_shape, expect_all_to_all, dispatcher):
     cfg = tiny_config()
     cfg.mesh.shape = mesh_shape
-    cfg.model.moe.update(dispatcher="einsum", group_size=32)
+    cfg.model.moe.update(dispatcher=dispatcher, group_size=32)
     run = train.setup(cfg, eight_devices)
     with jax.set_mesh(run.mesh):
         hlo = run.train_step.lower(run.abstract_state, run.abstract_batch(8, 32)).compile().as_text()
