@@ -61,7 +61,7 @@ class Chip:
 
     name: str
     peak_bf16_flops: float
-    hbm_bytes: float
+    hbm: str  # as published
     usable_hbm_bytes: float
     hbm_bandwidth: float  # bytes/s
     shapes: tuple[str, ...]  # slice shapes Google Cloud lists for the generation
@@ -69,19 +69,16 @@ class Chip:
 
 
 CHIPS = {
-    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 15.75 * GiB, 819e9,
+    "v5e": Chip("TPU v5e", 197e12, "16 GB", 15.75 * GiB, 819e9,
                 ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
-                "https://cloud.google.com/tpu/docs/v5e (peak compute per chip, bf16: 197 TFLOPs; HBM2 16 GB, "
-                "819 GBps)"),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 95.74 * GiB, 2765e9,
+                "Google Cloud, TPU v5e key chip specifications: https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("TPU v5p", 459e12, "95 GB", 95.74 * GiB, 2765e9,
                 ("2x2x1", "2x2x2", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16", "8x16x16", "16x16x16",
                  "16x16x24"),
-                "https://cloud.google.com/tpu/docs/v5p (peak compute per chip, bf16: 459 TFLOPs; HBM2e 95 GB, "
-                "2765 GBps)"),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 31.25 * GiB, 1640e9,
+                "Google Cloud, TPU v5p key chip specifications: https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("TPU v6e", 918e12, "32 GB", 31.25 * GiB, 1640e9,
                 ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
-                "https://cloud.google.com/tpu/docs/v6e (peak compute per chip, bf16: 918 TFLOPs; HBM 32 GB, "
-                "1640 GBps)"),
+                "Google Cloud, TPU v6e key chip specifications: https://cloud.google.com/tpu/docs/v6e"),
 }
 
 TOPOLOGY_RE = re.compile(r"^(v5e|v5p|v6e):(\d+x\d+(?:x\d+)?)$")
@@ -370,7 +367,7 @@ def _does_not_fit(cfg, topology, chip, mesh_shape, state, error, step_name, conf
         f"Does not fit: the {step_name} of {config_name or 'this config'} (d_model={cfg.model.d_model}, "
         f"{cfg.model.num_layers} layers, {cfg.model.moe.num_experts} experts, batch {cfg.data.batch_size} x "
         f"{cfg.data.seq_len}) on --topology={topology} ({math.prod(mesh_shape)} x {chip.name}, "
-        f"{chip.hbm_bytes / GiB:.0f} GiB HBM each) with mesh (data, expert, model) = {tuple(mesh_shape)} needs "
+        f"{chip.hbm} HBM each) with mesh (data, expert, model) = {tuple(mesh_shape)} needs "
         f"{what}; parameters and optimizer state alone take {state_gib:.2f} GiB per chip. What helps: "
         + "; ".join(knobs) + f". (XLA: {oom})")
     return DoesNotFit(message, dict(fits=False, message=message, xla_message=oom))
@@ -412,7 +409,7 @@ def _memory(compiled, chip: Chip) -> dict:
     code = int(ma.generated_code_size_in_bytes)
     total = arguments + outputs - aliased + temporaries + code
     return dict(arguments=arguments, outputs=outputs, aliased=aliased, temporaries=temporaries,
-                generated_code=code, total=total, hbm=int(chip.hbm_bytes), usable_hbm=int(chip.usable_hbm_bytes),
+                generated_code=code, total=total, usable_hbm=int(chip.usable_hbm_bytes),
                 fraction_of_usable_hbm=total / chip.usable_hbm_bytes)
 
 
@@ -478,7 +475,7 @@ def dry_run(cfg, topology: str, *, include_eval: bool = True, hlo_texts: Optiona
         fits=True,
         config=config_name,
         topology=topology,
-        chip=dict(name=chip.name, count=num_chips, peak_bf16_flops=chip.peak_bf16_flops, hbm_bytes=int(chip.hbm_bytes),
+        chip=dict(name=chip.name, count=num_chips, peak_bf16_flops=chip.peak_bf16_flops, hbm=chip.hbm,
                   usable_hbm_bytes=int(chip.usable_hbm_bytes), source=chip.source,
                   usable_hbm_source="XLA's 'available HBM' in its out-of-memory message for this chip"),
         mesh=dict(zip(("data", "expert", "model"), mesh_shape), fsdp=bool(cfg.mesh.get("fsdp", False))),
@@ -514,13 +511,19 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _source(op_name: str) -> str:
+    """The einsum (or the last primitive) a compiled op comes from, out of its jax op_name path."""
+    parts = op_name.split("/")
+    return next((p for p in reversed(parts) if "->" in p), parts[-1] or "?")
+
+
 def format_report(report: dict) -> str:
     chip, mesh, params, state = report["chip"], report["mesh"], report["params"], report["state_bytes"]
     lines = [
-        f"{report['config'] or 'config'} on {report['topology']}: {chip['count']} x {chip['name']} ({_size(chip['hbm_bytes'])} HBM, "
-        f"{_size(chip['usable_hbm_bytes'])} usable; {chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 peak — "
-        f"{chip['source']}); mesh data={mesh['data']} expert={mesh['expert']} model={mesh['model']}"
-        f"{' fsdp' if mesh['fsdp'] else ''}",
+        f"{report['config'] or 'config'} on {report['topology']}: {chip['count']} x {chip['name']}, mesh "
+        f"data={mesh['data']} expert={mesh['expert']} model={mesh['model']}{' fsdp' if mesh['fsdp'] else ''}",
+        f"chip: {chip['hbm']} HBM ({_size(chip['usable_hbm_bytes'])} usable), "
+        f"{chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 peak; source: {chip['source']}",
         f"params: {_count(params['total'])} total, {_count(params['active_per_token'])} active per token "
         f"({_count(params['expert'])} in routed experts); {report['tokens_per_step']} tokens per step",
         f"per chip: params {_size(state['params_per_chip'])} (experts {_size(state['expert_params_per_chip'])} "
@@ -546,6 +549,9 @@ def format_report(report: dict) -> str:
         parts = [f"{kind} {coll[kind]['per_step']}x ({coll[kind]['ops']} ops) {_size(coll[kind]['bytes_per_step'])}"
                  for kind in COLLECTIVES if coll[kind]["ops"]]
         lines.append("  collectives per step per chip: " + ("; ".join(parts) or "none"))
+        for top in coll.get("largest", [])[:1]:
+            lines.append(f"  largest: {top['kind']} {top['type'].lstrip('(')} x{top['per_step']} = "
+                         f"{_size(top['bytes_per_step'])} from {_source(top['op_name'])}")
     return "\n".join(lines)
 
 
