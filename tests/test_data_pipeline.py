@@ -186,4 +186,4 @@ def test_readme_data_snippet_runs(capsys):
     snippet = next(b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "make_train_iterator" in b)
     exec(compile(snippet, "README data snippet", "exec"), {})
     vocab, floor = capsys.readouterr().out.split()
-    assert int(vocab) == 512 and float(floor) == pytest.approx(data.entropy_floor(data.default_config()))
+    assert int(vocab) == 1024 and float(floor) == pytest.approx(data.entropy_floor(data.default_config()))

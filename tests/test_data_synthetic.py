@@ -71,12 +71,12 @@ def test_documents_are_deterministic_in_domain_alphabet_and_streams_differ():
 def test_default_config_floor_and_batches_carry_domains():
     cfg = data.default_config()
     cfg.update(seq_len=32, batch_size=4)
-    assert data.make_tokenizer(cfg).vocab_size == cfg.synthetic.vocab_size == 512
+    assert data.make_tokenizer(cfg).vocab_size == cfg.synthetic.vocab_size == 1024
     floor = data.entropy_floor(cfg)
     assert 0.5 < floor < math.log(cfg.synthetic.branching) + 0.2
     batch = next(data.make_train_iterator(cfg, process_index=0, process_count=1))
     real = batch["segment_ids"] > 0
-    assert (batch["domains"][real] >= 0).all() and (batch["domains"][real] < 16).all()
+    assert (batch["domains"][real] >= 0).all() and (batch["domains"][real] < cfg.synthetic.num_domains).all()
     assert (batch["domains"][~real] == -1).all()
     # one domain per segment
     for row in range(4):

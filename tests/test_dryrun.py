@@ -28,6 +28,7 @@ def tiny_switch_config(mesh_shape, **model):
     # einsum is the TPU dispatcher (switch_base's); the index dispatcher gathers expert weights instead of
     # moving tokens, so it has no all-to-all.
     cfg.model.moe.dispatcher = "einsum"
+    cfg.model.moe.group_size = 1024  # divides the per-chip tokens of every 4-chip mesh here
     cfg.model.update(**model)
     cfg.mesh.shape = mesh_shape
     return cfg
@@ -126,7 +127,7 @@ def test_too_large_config_does_not_fit():
 def test_command_writes_report_or_clear_paragraph(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, "-m", "moe_jax.dryrun", "--config=experiments/tiny_switch.py", "--topology=v5e:2x2",
-               "--config.mesh.shape=(4,1,1)", "--config.model.d_model=8192", "--config.model.d_ff=32768",
+               "--config.mesh.shape=(4,1,1)", "--config.model.moe.group_size=1024", "--config.model.d_model=8192", "--config.model.d_ff=32768",
                "--config.model.num_heads=64", f"--workdir={tmp_path}"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 3, result.stderr[-2000:]

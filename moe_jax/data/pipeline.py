@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.prefetch = 4  # grain read-ahead buffer (elements) per process
     c.num_workers = 0  # >0: grain worker processes (mp_prefetch) for heavy tokenization
     c.synthetic = ml_collections.ConfigDict(dict(
-        num_domains=16, vocab_size=512, domain_vocab=32, neighborhood=8, order=2, branching=4, mean_length=64.0,
+        num_domains=32, vocab_size=1024, domain_vocab=32, neighborhood=8, order=2, branching=4, mean_length=64.0,
         alpha=1.0, seed=0))
     return c
 
