@@ -53,7 +53,7 @@ PAPER_EXPERTS = 128
 PAPER_STEPS = 100_000
 # Laptop sweeps run this share of the tiny configs' steps: the eight sweeps (about 30 runs) then fit in about
 # an hour and a quarter on a shared 2-core CPU. Every variant of a sweep runs the same steps.
-LAPTOP_STEP_FRACTION = 0.5
+LAPTOP_STEP_FRACTION = 1 / 3
 STATUS_FILE = "sweep_status.json"
 KEY_FILE = "sweep_key.txt"
 
