@@ -338,16 +338,17 @@ def _knobs(cfg, mesh_shape: tuple, num_devices: int) -> list[str]:
         knobs.append(f"FSDP over 'data' (--config.mesh.fsdp=True: parameters and optimizer state split "
                      f"{data_axis} ways more)" if data_axis > 1 else
                      "FSDP over 'data' (--config.mesh.fsdp=True) on a topology with room for data > 1")
-    experts = cfg.model.moe.num_experts
-    if experts and expert_axis < experts and experts % (expert_axis * 2) == 0 and num_devices % (expert_axis * 2) == 0:
-        knobs.append(f"more expert parallelism (--config.mesh.shape='(-1,{expert_axis * 2},{model_axis})': "
-                     f"{experts // (expert_axis * 2)} experts per chip instead of {experts // expert_axis})")
+    experts, wider = cfg.model.moe.num_experts, expert_axis * 2
+    if experts and experts % wider == 0:
+        knobs.append(f"more expert parallelism (--config.mesh.shape='(-1,{wider},{model_axis})': "
+                     f"{experts // wider} experts per chip instead of {experts // expert_axis}"
+                     + (")" if num_devices % wider == 0 else f", on a topology of {wider} or more chips)"))
     if cfg.model.remat != "full":
         knobs.append(f"rematerialisation (--config.model.remat=full; now {cfg.model.remat!r}: activations "
                      f"recomputed in the backward pass instead of stored)")
     if experts and cfg.model.moe.group_size > 256:
         knobs.append(f"a smaller routing group (--config.model.moe.group_size={cfg.model.moe.group_size // 4}: "
-                     f"the [G, S, E, C] dispatch tensors shrink with S x C)")
+                     f"the [G, S, E, C] dispatch and combine tensors shrink in proportion)")
     knobs.append(f"fewer tokens per chip (--config.data.batch_size={cfg.data.batch_size // 2}) or a larger "
                  f"topology")
     return knobs
@@ -409,7 +410,7 @@ def _memory(compiled, chip: Chip) -> dict:
     code = int(ma.generated_code_size_in_bytes)
     total = arguments + outputs - aliased + temporaries + code
     return dict(arguments=arguments, outputs=outputs, aliased=aliased, temporaries=temporaries,
-                generated_code=code, total=total, usable_hbm=int(chip.usable_hbm_bytes),
+                generated_code=code, total=total, xla_peak=int(getattr(ma, "peak_memory_in_bytes", 0)), usable_hbm=int(chip.usable_hbm_bytes),
                 fraction_of_usable_hbm=total / chip.usable_hbm_bytes)
 
 

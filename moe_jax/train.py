@@ -192,9 +192,11 @@ def state_shardings_for(abstract_state, mesh, rules):
 
     def names_for(path, variable):
         names = tuple(variable.get_metadata().get("out_sharding") or ())
+        keys = {str(getattr(k, "key", k)) for k in path}
+        if keys & {"v_row", "v_col"} and variable.shape == (1,):
+            return ()  # Adafactor's placeholder for a parameter it does not factor (1-D, or small dims)
         if len(names) == variable.ndim:
             return names
-        keys = {str(getattr(k, "key", k)) for k in path}
         if len(names) == variable.ndim + 1 and "v_row" in keys:
             return names[:-1]
         if len(names) == variable.ndim + 1 and "v_col" in keys:

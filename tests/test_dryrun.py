@@ -110,6 +110,17 @@ def test_dry_run_compiles_the_trainers_own_step(eight_devices):
     assert "all_to_all" in dry["train_step"] or "sharding_constraint" in dry["train_step"]
 
 
+def test_fsdp_with_adafactor_sets_up(eight_devices):
+    """Found by the dry run of switch_large (FSDP + Adafactor): the (1,)-shaped placeholders Adafactor keeps for
+    the parameters it does not factor took the parameter's 'embed' -> 'data' sharding and could not be split."""
+    cfg = tiny_switch_config((2, 4, 1))
+    cfg.mesh.fsdp = True
+    cfg.train.optimizer = "adafactor"
+    run = train.setup(cfg, eight_devices)
+    specs = {s.spec for s in jax.tree.leaves(run.state_shardings)}
+    assert any("data" in str(spec) for spec in specs)  # FSDP is on: something is split over 'data'
+
+
 def test_too_large_config_does_not_fit():
     cfg = tiny_switch_config((4, 1, 1), d_model=8192, d_ff=32768, num_heads=64)
     with pytest.raises(dryrun.DoesNotFit) as caught:
