@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def tiny_config(*, experts=4, steps=6, **train_overrides):
     cfg = train.default_config()
-    cfg.model.update(vocab_size=512, d_model=32, d_ff=64, num_layers=2, num_heads=2)
+    cfg.model.update(vocab_size=cfg.data.synthetic.vocab_size, d_model=32, d_ff=64, num_layers=2, num_heads=2)
     cfg.model.moe.update(num_experts=experts, every=2, group_size=64, dispatcher="index")
     cfg.data.update(source="synthetic", seq_len=32, batch_size=8)
     cfg.train.update(steps=steps, log_every=1, eval_every=3, eval_steps=1, checkpoint_every=3,

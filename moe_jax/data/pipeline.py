@@ -15,6 +15,7 @@ DatasetIterator (the state of every local shard): save/restore it with
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 from typing import Optional
@@ -166,11 +167,42 @@ def _batches(shards: list[grain.MapDataset], config, layout: _Layout, read: grai
                .batch(layout.rows_per_shard, drop_remainder=True) for docs in shards]
     if len(streams) == 1:
         return streams[0]
-    return grain.experimental.ZipIterDataset(streams).map(_concatenate_rows)
+    return _ConcatenatedShards(streams, num_threads=config.num_threads)
 
 
-def _concatenate_rows(parts: tuple) -> dict:
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+class _ConcatenatedShards(grain.IterDataset):
+    """Each parent's next rows, concatenated in parent order. The parents are independent, so up to
+    `num_threads` threads advance them at once (document generation and tokenization overlap); the state is
+    every parent's state."""
+
+    def __init__(self, parents, num_threads: int):
+        super().__init__(parents)
+        self.num_threads = num_threads
+
+    def __iter__(self):
+        return _ConcatenatedShardsIterator([iter(p) for p in self.parents], self.num_threads)
+
+
+class _ConcatenatedShardsIterator(grain.DatasetIterator):
+    def __init__(self, parents, num_threads: int):
+        super().__init__(parents)
+        self._pool = None if num_threads < 2 else concurrent.futures.ThreadPoolExecutor(num_threads)
+
+    def __next__(self) -> dict:
+        parts = list(self._pool.map(next, self._parents) if self._pool else map(next, self._parents))
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def get_state(self):
+        return {"shards": [it.get_state() for it in self._parents]}
+
+    def set_state(self, state):
+        for it, shard_state in zip(self._parents, state["shards"]):
+            it.set_state(shard_state)
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        super().close()
 
 
 def make_train_iterator(config, *, process_index: Optional[int] = None,
