@@ -45,8 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch_size = 32  # global, over all processes
     c.num_shards = 0  # logical data shards, each a packed stream of its own rows; 0 = one per row
     c.seed = 0
-    c.num_threads = 2  # grain read threads per process
-    c.prefetch = 4  # grain read-ahead buffer (elements) per process
+    c.num_threads = 2  # threads per process: grain read threads (one shard) or shards advanced at once (several)
+    c.prefetch = 4  # read-ahead buffer per process: documents (one shard) or batches (several)
     c.num_workers = 0  # >0: grain worker processes (mp_prefetch) for heavy tokenization
     c.synthetic = ml_collections.ConfigDict(dict(
         num_domains=32, vocab_size=1024, domain_vocab=32, neighborhood=8, order=2, branching=4, mean_length=64.0,
@@ -161,7 +161,7 @@ def _batches(shards: list[grain.MapDataset], config, layout: _Layout, read: grai
     """Endless rows of every local shard, packed separately and concatenated in shard order per batch."""
     tokenizer = tokenizers.make_tokenizer(config)
     features = packing.LmFeatures(tokenizer.pad_id, with_domains=config.source == "synthetic")
-    if len(shards) > 1:  # one prefetch thread above the zip, rather than read threads per shard
+    if len(shards) > 1:  # threads advance whole shards (below) and one thread prefetches batches, not per shard
         read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     streams = [packing.pack(docs.to_iter_dataset(read), config.seq_len).map(features)
                .batch(layout.rows_per_shard, drop_remainder=True) for docs in shards]
