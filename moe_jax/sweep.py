@@ -261,6 +261,7 @@ def run_variant(name: str, variant: Variant, run_dir: pathlib.Path, workdir: pat
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / KEY_FILE).write_text(key + "\n")
     argv = variant.command(str(run_dir))
+    commit = git_commit()
     print(f"[sweep] {name}: {shlex.join(argv)}", flush=True)
     # A persistent compilation cache: variants of one model share its init (and reruns all their steps).
     env = {"JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"), **os.environ}
@@ -268,12 +269,12 @@ def run_variant(name: str, variant: Variant, run_dir: pathlib.Path, workdir: pat
         proc = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     tail = (run_dir / "train.log").read_text().strip().splitlines()[-3:]
     if proc.returncode == 0:
-        (run_dir / STATUS_FILE).write_text(json.dumps({"status": "finished"}))
+        (run_dir / STATUS_FILE).write_text(json.dumps({"status": "finished", "git_commit": commit}))
     else:
         diverged = any("train/loss is" in line for line in tail)
         status = "diverged" if diverged else "failed"
         (run_dir / STATUS_FILE).write_text(json.dumps({"status": status, "returncode": proc.returncode,
-                                                       "message": "\n".join(tail)}))
+                                                       "message": "\n".join(tail), "git_commit": commit}))
         print(f"[sweep] {name}: {status} (exit {proc.returncode}): {' | '.join(tail)}", flush=True)
     return run_dir
 
@@ -419,9 +420,10 @@ def machine() -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, plus the code files with uncommitted changes (the code a run actually used)."""
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
     changed = [line[3:] for line in git("status", "--porcelain", "--", "moe_jax", "experiments/*.py").splitlines()]
     return commit + (f" (uncommitted changes in {', '.join(changed)})" if changed else "")
 
@@ -452,7 +454,7 @@ def write_results(sweep: Sweep, summaries: dict, scale: str, results_dir: pathli
              f"- command: `{command}`",
              f"- machine: {machine()}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- git commit: {git_commit()}",
+             f"- git commit: {git_commit()}" + _run_commits(summaries),
              f"- scale: {scale}; sweep file: `{_shown_path(sweep.path)}`",
              "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for s in summaries.values():
@@ -474,6 +476,15 @@ def write_results(sweep: Sweep, summaries: dict, scale: str, results_dir: pathli
     return md, csv_path, png
 
 
+def _run_commits(summaries: dict) -> str:
+    commits = set()
+    for s in summaries.values():
+        status = pathlib.Path(s.run_dir) / STATUS_FILE
+        if status.exists():
+            commits.add(json.loads(status.read_text()).get("git_commit", "not recorded"))
+    return f"; the runs were trained at: {'; '.join(sorted(commits))}" if commits else ""
+
+
 def _shown_path(path: pathlib.Path) -> str:
     path = path.resolve()
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
@@ -484,27 +495,35 @@ def plot(summaries: dict, path: pathlib.Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for s in summaries.values():
-        if not s.eval_steps:
-            continue
-        label = s.name + ("" if s.status == "finished" else f" ({s.status})")
-        by_step.plot(s.eval_steps, s.eval_ce, marker=".", label=label)
-        by_time.plot(s.eval_seconds, s.eval_ce, marker=".", label=label)
+    # Top row: whole curves; bottom row: the second half of training, where the variants separate.
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     floor = next((s.entropy_floor for s in summaries.values() if s.entropy_floor), None)
-    for ax, xlabel in ((by_step, "training step"), (by_time, "training time (s, excl. eval + compile)")):
-        if floor:
-            ax.axhline(floor, color="k", linestyle=":", linewidth=1, label="entropy floor")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("eval cross-entropy (nats/token)")
-        ax.grid(alpha=0.3)
-    finals = [s.eval_ce[-1] for s in summaries.values() if s.eval_ce and math.isfinite(s.eval_ce[-1])]
-    if finals:  # zoom on the part of the curves where the variants differ
-        low = min(finals + ([floor] if floor else []))
-        top = max(finals)
-        for ax in (by_step, by_time):
-            ax.set_ylim(low - 0.05, top + max(0.5, 2 * (top - low)))
-    by_step.legend(fontsize=8)
+    runs = [s for s in summaries.values() if s.eval_steps]
+    for s in runs:
+        label = s.name + ("" if s.status == "finished" else f" ({s.status})")
+        for row in (0, 1):
+            axes[row, 0].plot(s.eval_steps, s.eval_ce, marker=".", label=label)
+            axes[row, 1].plot(s.eval_seconds, s.eval_ce, marker=".", label=label)
+    for row in (0, 1):
+        for col, xlabel in enumerate(("training step", "training time (s, excl. eval + compile)")):
+            ax = axes[row, col]
+            if floor and row == 0:
+                ax.axhline(floor, color="k", linestyle=":", linewidth=1, label=f"entropy floor {floor:.3f}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("eval cross-entropy (nats/token)")
+            ax.grid(alpha=0.3)
+    late = [(x, ce) for s in runs for x, ce in zip(s.eval_steps, s.eval_ce)
+            if x >= s.steps / 2 and math.isfinite(ce)]
+    if late:
+        low, high = min(ce for _, ce in late), max(ce for _, ce in late)
+        pad = 0.05 * (high - low) + 1e-3
+        axes[1, 0].set_xlim(max(runs, key=lambda s: s.steps).steps / 2 * 0.98, None)
+        for ax in axes[1]:
+            ax.set_ylim(low - pad, high + pad)
+        times = [t for s in runs for x, t in zip(s.eval_steps, s.eval_seconds) if x >= s.steps / 2]
+        axes[1, 1].set_xlim(min(times) * 0.98, None)
+        axes[1, 0].set_title("second half of training", fontsize=9)
+    axes[0, 0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -69,6 +69,19 @@ def analysis(results, scale):
         ("The loss falls monotonically with the number of experts, as in the paper's Figure 4." if monotone else
          "Unlike the paper's Figure 4, the loss does not fall monotonically with the number of experts here."),
     ]
+    if not monotone:
+        larger = [n for n in moe if moe[n].final_ce > moe[best].final_ce and int(n.split()[0]) > int(best.split()[0])]
+        if larger:
+            text.append(f"Beyond {best} the loss rises again ({', '.join(larger)}); these models drop "
+                        + ", ".join(f"{100 * moe[n].dropped_fraction:.1f}%" for n in larger)
+                        + f" of their tokens in training (vs {100 * moe[best].dropped_fraction:.1f}% for {best}) and "
+                        f"their load is less even (load CV "
+                        + ", ".join(f"{moe[n].load_cv:.2f}" for n in larger) + f" vs {moe[best].load_cv:.2f}). "
+                        f"Likely reasons: with capacity factor 1.25 an uneven load drops more tokens as E grows, and "
+                        f"in {dense.steps} steps each of many experts has seen few tokens; the paper trains for "
+                        f"hundreds of thousands of steps and reports dropping below 1%.")
+    text.append("Each number is one seed: differences of a few thousandths of a nat are within seed noise "
+                "(init_scale.md measures the spread over 3 seeds).")
     if top:
         text.append(f"The largest step speed-up to dense's final loss is {finite_ups[top]:.2f}× ({top}); the paper "
                     f"reports 7.5× for 64 experts, measured at 450k steps of T5-Base. Our runs are {dense.steps} "
