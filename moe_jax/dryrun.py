@@ -409,9 +409,13 @@ def _memory(compiled, chip: Chip) -> dict:
     aliased, temporaries = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
     code = int(ma.generated_code_size_in_bytes)
     total = arguments + outputs - aliased + temporaries + code
+    peak = int(getattr(ma, "peak_memory_in_bytes", 0))
+    # XLA's peak (live buffers at the worst point of its schedule, plus its reserved space) is what it checks
+    # against HBM; the sum of allocations can exceed it, since temporaries that are never live together count
+    # once each.
     return dict(arguments=arguments, outputs=outputs, aliased=aliased, temporaries=temporaries,
-                generated_code=code, total=total, xla_peak=int(getattr(ma, "peak_memory_in_bytes", 0)), usable_hbm=int(chip.usable_hbm_bytes),
-                fraction_of_usable_hbm=total / chip.usable_hbm_bytes)
+                generated_code=code, total=total, xla_peak=peak, usable_hbm=int(chip.usable_hbm_bytes),
+                fraction_of_usable_hbm=(peak or total) / chip.usable_hbm_bytes)
 
 
 def _step_report(name, traced, trace_s, mesh, chip, num_chips, model_flops_per_step, cfg, topology, mesh_shape,
@@ -539,9 +543,10 @@ def format_report(report: dict) -> str:
             f"{key.replace('_', ' ')}: compiled in {step['compile_s']:.1f} s (trace {step['trace_s']:.1f} s, lower "
             f"{step['lower_s']:.1f} s)")
         lines.append(
-            f"  memory per chip: {_size(mem['total'])} = arguments {_size(mem['arguments'])} + outputs "
+            f"  memory per chip: peak {_size(mem['xla_peak'])} ({100 * mem['fraction_of_usable_hbm']:.1f}% of usable "
+            f"HBM); allocations {_size(mem['total'])} = arguments {_size(mem['arguments'])} + outputs "
             f"{_size(mem['outputs'])} - aliased {_size(mem['aliased'])} + temporaries {_size(mem['temporaries'])}"
-            f" + code {_size(mem['generated_code'])}; {100 * mem['fraction_of_usable_hbm']:.1f}% of usable HBM")
+            f" + code {_size(mem['generated_code'])}")
         model_flops = flops["model_per_chip"]
         lines.append(
             f"  FLOPs per chip per step: {flops['matmul_per_chip']:.3e} (matmuls as compiled)"

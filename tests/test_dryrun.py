@@ -52,6 +52,8 @@ def check_report(report, mesh):
     assert memory["total"] == (memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
                                + memory["generated_code"])
     assert 0 < memory["total"] < memory["usable_hbm"] == 15.75 * 2**30
+    assert 0 < memory["xla_peak"] < memory["usable_hbm"]
+    assert memory["fraction_of_usable_hbm"] == memory["xla_peak"] / memory["usable_hbm"]
     assert memory["aliased"] > 0  # the state is donated: updated in place
 
     flops = step["flops"]
