@@ -4,7 +4,7 @@ batch or the device count."""
 
 from __future__ import annotations
 
-from moe_jax import model as model_lib, sharding
+from moe_jax import data as data_lib, model as model_lib, sharding
 
 ROUTERS = ("top_k", "expert_choice", "hash", "noisy_top_k", "bias_balanced")
 DISPATCHERS = ("einsum", "index", "dropless")
@@ -26,6 +26,7 @@ def validate(cfg, *, num_devices: int) -> None:
             raise ValueError(f"train.{key}={cfg.train[key]!r} must be a positive integer")
     if not cfg.train.learning_rate > 0:
         raise ValueError(f"train.learning_rate={cfg.train.learning_rate} must be > 0")
+    _check_vocabulary(cfg)
 
     moe = cfg.model.moe
     if not model_lib.is_moe(cfg.model):
@@ -47,3 +48,17 @@ def validate(cfg, *, num_devices: int) -> None:
                          f"data.seq_len {cfg.data.seq_len}")
     if moe.router == "hash" and moe.k != 1:
         raise ValueError(f"model.moe.k={moe.k} must be 1 for model.moe.router='hash'")
+
+
+def _check_vocabulary(cfg) -> None:
+    """model.vocab_size must cover the tokenizer's ids (an id past the embedding table gives a NaN loss at
+    step 1). Checked where the size is known without reading a file: the synthetic corpus and byte ids. A
+    SentencePiece model may sit in a bucket the dry-run laptop cannot read, so its size is not checked here
+    (T5's C4 vocabulary has 32100 ids; the paper-sized configs use 32128)."""
+    if cfg.data.source != "synthetic" and cfg.data.tokenizer != "byte":
+        return
+    ids = data_lib.make_tokenizer(cfg.data).vocab_size
+    if cfg.model.vocab_size < ids:
+        source = "data.synthetic.vocab_size" if cfg.data.source == "synthetic" else "data.tokenizer='byte'"
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {ids} token ids of "
+                         f"{source}: set model.vocab_size >= {ids}")

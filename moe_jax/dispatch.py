@@ -47,6 +47,8 @@ from moe_jax.routing import Routing
 
 # Logical axes of the [E, G, C, d] expert buffer: experts on 'expert', groups on what remains of the batch axes.
 EXPERT_BUFFER_AXES = ("expert", "batch", None, "embed")
+# The same buffer where the tokens live: groups over the batch axes ('data', 'expert'), every expert local.
+TOKEN_BUFFER_AXES = (None, "batch", None, "embed")
 
 Array = jax.Array
 
@@ -168,8 +170,9 @@ def apply_experts(
     mesh = expert_parallel_mesh(routing.num_groups, routing.num_experts)
     if mesh is None:
         return local(x_GSd, routing, experts)
-    return _expert_parallel(local if name == "index" else functools.partial(
-        _dropless_expert_parallel, grouped_matmul=grouped_matmul, block_size=block_size), x_GSd, routing, experts)
+    if mesh.shape[EXPERT_AXIS] > 1 and name == "dropless":
+        local = functools.partial(_dropless_expert_parallel, grouped_matmul=grouped_matmul, block_size=block_size)
+    return _expert_parallel(local, x_GSd, routing, experts)
 
 
 def default_grouped_matmul() -> str:
@@ -183,16 +186,19 @@ EXPERT_AXIS = "expert"
 
 
 def expert_parallel_mesh(num_groups: int, num_experts: int):
-    """The current `jax.set_mesh` mesh if index / dropless should exchange tokens over its 'expert' axis.
+    """The current `jax.set_mesh` mesh if index / dropless should run per device under `jax.shard_map`.
 
-    That is when the axis is > 1, E splits over it and the G groups over the batch axes; otherwise None
-    (no mesh, notebooks, 1-device runs: the single-device path).
+    That is when it has more than one device, E splits over 'expert' and the G groups over the batch axes;
+    tokens are exchanged over 'expert' when that axis is > 1. With 'expert' = 1 (pure data parallelism) each
+    device still dispatches only its own groups: left to the partitioner, the scatter into the global
+    [E, G*C, d] buffer was computed on every device and all-reduced. Otherwise None (no mesh, notebooks,
+    1-device runs: the single-device path).
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+    if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names) or math.prod(mesh.shape.values()) == 1:
         return None
     groups = math.prod(mesh.shape[a] for a in _group_axes())
-    if mesh.shape[EXPERT_AXIS] == 1 or num_experts % mesh.shape[EXPERT_AXIS] or num_groups % groups:
+    if num_experts % mesh.shape[EXPERT_AXIS] or num_groups % groups:
         return None
     return mesh
 
@@ -247,13 +253,18 @@ def _einsum_dispatch(x_GSd, routing, experts, transport_dtype):
     E, C = routing.num_experts, routing.buffer_size
     td = x_GSd.dtype if transport_dtype is None else transport_dtype
     dispatch_GSEC = routing.dispatch_mask().astype(td)
-    x_EGCd = jnp.einsum("GSEC,GSd->EGCd", dispatch_GSEC, x_GSd.astype(td))
     # Expert parallelism: groups arrive sharded over ('data', 'expert'); the experts' inputs must sit with
-    # their weights, E over 'expert'. Under a mesh this re-layout is an all-to-all (a no-op without one).
-    x_EGCd = sharding.constrain(x_EGCd, EXPERT_BUFFER_AXES)
+    # their weights, E over 'expert'. Pinning the buffer first where its tokens are (dispatch einsum local to
+    # each device), then by expert, makes that re-layout one all-to-all; the reverse pair brings the outputs
+    # back so the combine einsum is local too. With only the expert-side pin XLA all-gathers the dispatch
+    # tensor and all-reduces the combined [G, S, d] activations instead (seen in the pod dry run's HLO).
+    # All four pins are no-ops without a mesh.
+    x_EGCd = jnp.einsum("GSEC,GSd->EGCd", dispatch_GSEC, x_GSd.astype(td))
+    x_EGCd = sharding.constrain(sharding.constrain(x_EGCd, TOKEN_BUFFER_AXES), EXPERT_BUFFER_AXES)
     x_ENd = x_EGCd.reshape(E, num_groups * C, d)
     y_ENd = experts(x_ENd)
     y_EGCd = sharding.constrain(y_ENd.reshape(E, num_groups, C, d), EXPERT_BUFFER_AXES)
+    y_EGCd = sharding.constrain(y_EGCd, TOKEN_BUFFER_AXES)
     if routing.num_choices == 1:
         # One choice per token: read back with the 0/1 dispatch tensor and weight per token. Same numbers as
         # the combine tensor, but the weight gradient is a [G, S] product instead of a third GSEC einsum.

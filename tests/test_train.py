@@ -76,6 +76,7 @@ def test_nan_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
     ("model.moe.capacity_factor", 0.0, r"model.moe.capacity_factor=0.0 must be > 0"),
     ("model.moe.router", "switch", r"model.moe.router='switch' is not one of \('top_k'"),
     ("model.moe.dispatcher", "gather", r"model.moe.dispatcher='gather' is not one of \('einsum'"),
+    ("model.vocab_size", 512, r"model.vocab_size=512 is smaller than the 1024 token ids of data.synthetic.vocab_size"),
 ])
 def test_config_errors_name_the_key_value_and_allowed(tmp_path, eight_devices, key, value, message):
     cfg = tiny_config()
