@@ -31,8 +31,10 @@ def analysis(results, scale):
         return "Not enough finished runs for an analysis."
     common = sorted(set(e.eval_steps) & set(i.eval_steps))
     gap = max(abs(e.ce_at(s) - i.ce_at(s)) for s in common)
+    verdict = ("the same curve to noise: both execute the same routing, and float rounding differences compound "
+               "over training" if gap < 1e-2 else "more than rounding noise")
     text = [f"einsum and index differ by at most {gap:.2e} nats in eval CE over the {len(common)} evaluations "
-            f"({'float noise: the same routing executed two ways' if gap < 1e-2 else 'more than float noise'}); "
+            f"({verdict}); "
             f"index runs at {i.examples_per_sec / e.examples_per_sec:.2f}× einsum's examples/s "
             f"({i.examples_per_sec:.0f} vs {e.examples_per_sec:.0f})."]
     if d and math.isfinite(d.final_ce):
