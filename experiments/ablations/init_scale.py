@@ -1,8 +1,9 @@
 """Initialisation scale (Switch paper, Table 3): 0.1× vs 1.0× init, 3 seeds each, eval loss early in training.
 
 Every kernel is truncated normal with std sqrt(s / fan_in); the paper cuts the default s = 1.0 to 0.1. We
-train the tiny Switch model for a short run (half the other sweeps' steps: "early in training") with train.seed
-0, 1, 2 (parameter init and dropout; the data order is fixed) and report mean ± std of the final eval loss.
+train the tiny Switch model for a short run (a third of the other sweeps' steps, just past the 30-step warmup:
+"early in training") with train.seed 0, 1, 2 (parameter init and dropout; the data order is fixed) and report
+mean ± std of the final eval loss.
 
     python -m moe_jax.sweep --sweep=experiments/ablations/init_scale.py --workdir=runs/ablations
 
@@ -18,7 +19,7 @@ from moe_jax import sweep
 
 SCALES = (0.1, 1.0)
 SEEDS = (0, 1, 2)
-EARLY = 1 / 2  # share of the other sweeps' run length
+EARLY = 1 / 3  # share of the other sweeps' run length: just past the 30-step warmup
 COLUMNS = ("eval_ce", "max_train_loss_jump", "examples_per_sec")
 PAPER = """
 Fedus et al. 2022, Table 3 (32 experts, after 3.5k steps, 3 seeds each; negative log perplexity, higher is
