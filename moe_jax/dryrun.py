@@ -11,10 +11,12 @@ shardings) and compiled for those devices. Nothing is allocated.
 The report (printed, and written to `<workdir>/dryrun.json`):
   * parameters, total and active per token (`model.count_params`);
   * per-chip bytes: parameters and optimizer state (from their shardings), and the compiled step's
-    arguments, outputs and temporaries (`memory_analysis()`), against the chip's HBM;
+    arguments, outputs and temporaries and XLA's peak (`memory_analysis()`), against the chip's usable HBM;
   * per-chip FLOPs per step: matmul FLOPs of the traced step (forward, backward, rematerialisation, router and
     capacity padding included; scan bodies times their length), split evenly over the chips, beside the
-    model FLOPs of the MFU accounting (6N + attention); the step-time floor is FLOPs / the chip's peak;
+    model FLOPs of the MFU accounting (6N + attention); the step-time floor is FLOPs / the chip's peak.
+    XLA's `cost_analysis()` counts a while-loop body once, not once per layer: it is in the JSON for
+    reference only, under a name that says so;
   * the collectives in the compiled HLO: how many and how many bytes per chip of all-to-all, all-reduce,
     all-gather, reduce-scatter and collective-permute, static (ops in the HLO) and per step (ops inside
     the layer loop counted once per iteration);
@@ -34,7 +36,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 # A dry run never runs on an accelerator: keep jax on the CPU (libtpu otherwise tries to find a TPU), and let
 # several processes load libtpu at once (it otherwise takes /tmp/libtpu_lockfile, and a second dry run or a
@@ -43,7 +45,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from moe_jax import config_validation, model as model_lib, sharding, train  # noqa: E402
