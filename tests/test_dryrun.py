@@ -25,8 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def tiny_switch_config(mesh_shape, **model):
     cfg = tiny_switch.get_config()
-    # einsum is the TPU dispatcher (switch_base's); the index dispatcher gathers expert weights instead of
-    # moving tokens, so it has no all-to-all.
+    # einsum is switch_base's dispatcher: the one whose all-to-alls XLA's partitioner places.
     cfg.model.moe.dispatcher = "einsum"
     cfg.model.moe.group_size = 1024  # divides the per-chip tokens of every 4-chip mesh here
     cfg.model.update(**model)
@@ -86,6 +85,11 @@ def test_tiny_switch_on_v5e_2x2_reports_are_self_consistent():
         assert eval_step["flops"]["matmul_per_chip"] < train_step["flops"]["matmul_per_chip"] / 1.5
         assert eval_step["memory_per_chip"]["aliased"] == 0
         assert eval_step["collectives"]["all-to-all"]["ops"] > 0
+        # Tokens go to their experts and back by all-to-all only: no all-gathered dispatch tensor and no
+        # all-reduced combine output (what the einsum dispatcher compiled to before both sides were pinned).
+        assert train_step["collectives"]["all-gather"]["ops"] == 0
+        assert not any(op["kind"] == "all-reduce" and "GSEC" in op["op_name"]
+                       for op in train_step["collectives"]["largest"])
         text = dryrun.format_report(report)
         for needle in ("v5e:2x2", "TPU v5e", "197 TFLOP/s", "cloud.google.com/tpu/docs/v5e", "all-to-all",
                        "step-time floor", "usable HBM", "eval step"):
