@@ -316,7 +316,7 @@ class Summary:
     dropped_fraction: float  # training, mean over the last quarter of the logs
     load_cv: float
     router_max_logit: float
-    max_train_loss_jump: float
+    max_train_loss_jump: float  # largest rise between consecutive logged train losses (0: never rose)
     paper: str = ""
     note: str = ""
 
@@ -384,7 +384,7 @@ def summarize(name: str, run_dir: pathlib.Path, variant: Variant, cfg) -> Summar
         train_seconds=seconds[-1] if seconds else float("nan"),
         dropped_fraction=late_mean("moe/dropped_fraction"), load_cv=late_mean("moe/load_cv"),
         router_max_logit=max(logits) if logits else float("nan"),
-        max_train_loss_jump=max(jumps) if jumps else float("nan"),
+        max_train_loss_jump=max(jumps + [0.0]) if losses else float("nan"),
         paper=variant.paper, note=variant.note)
 
 
