@@ -246,15 +246,16 @@ def find_shared_run(workdir: pathlib.Path, key: str, steps: int, exclude: pathli
     return None
 
 
-def run_variant(name: str, variant: Variant, run_dir: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
-    """Train one variant unless it (or an identical config) already ran; returns the run directory used."""
+def run_variant(name: str, variant: Variant, run_dir: pathlib.Path, workdir: pathlib.Path, *,
+                reuse: bool = True) -> pathlib.Path:
+    """Train one variant unless it (or, with `reuse`, an identical config) already ran; returns its run dir."""
     cfg = load_config(variant)
     steps = int(cfg.train.steps)
     key = config_key(cfg)
     if run_state(run_dir, steps) != "todo":
         print(f"[sweep] {name}: already done in {run_dir}, skipped", flush=True)
         return run_dir
-    shared = find_shared_run(workdir, key, steps, run_dir)
+    shared = find_shared_run(workdir, key, steps, run_dir) if reuse else None
     if shared is not None:
         print(f"[sweep] {name}: identical config already ran in {shared}, reused", flush=True)
         return shared
@@ -541,6 +542,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--variants", default="", help="comma-separated subset of the variants (default all)")
     parser.add_argument("--print_commands", action="store_true", help="print one command per variant, run nothing")
     parser.add_argument("--results_dir", default=str(REPO / "experiments" / "results"))
+    parser.add_argument("--no_reuse", action="store_true",
+                        help="train every variant here even if another sweep ran the same config (for speed "
+                             "comparisons made under the same machine load)")
     args = parser.parse_args(argv)
     command = "python -m moe_jax.sweep " + shlex.join(argv if argv is not None else sys.argv[1:])
     try:
@@ -558,7 +562,7 @@ def main(argv: Optional[list] = None) -> int:
     workdir = workdir.resolve()
     summaries = {}
     for name, variant in chosen.items():
-        run_dir = run_variant(name, variant, workdir / sweep.name / slug(name), workdir)
+        run_dir = run_variant(name, variant, workdir / sweep.name / slug(name), workdir, reuse=not args.no_reuse)
         summaries[name] = summarize(name, run_dir, variant, load_config(variant))
     paths = write_results(sweep, summaries, args.scale, pathlib.Path(args.results_dir), command)
     print("[sweep] wrote " + ", ".join(str(p) for p in paths), flush=True)
