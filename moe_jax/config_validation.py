@@ -6,9 +6,6 @@ from __future__ import annotations
 
 from moe_jax import data as data_lib, model as model_lib, sharding
 
-ROUTERS = ("top_k", "expert_choice", "hash", "noisy_top_k", "bias_balanced")
-DISPATCHERS = ("einsum", "index", "dropless")
-
 
 def validate(cfg, *, num_devices: int) -> None:
     """Raise ValueError for the first setting that cannot work with this many devices."""
@@ -31,10 +28,6 @@ def validate(cfg, *, num_devices: int) -> None:
     moe = cfg.model.moe
     if not model_lib.is_moe(cfg.model):
         return
-    if moe.router not in ROUTERS:
-        raise ValueError(f"model.moe.router={moe.router!r} is not one of {ROUTERS}")
-    if moe.dispatcher not in DISPATCHERS:
-        raise ValueError(f"model.moe.dispatcher={moe.dispatcher!r} is not one of {DISPATCHERS}")
     for key in ("capacity_factor", "eval_capacity_factor"):
         if not moe[key] > 0:
             raise ValueError(f"model.moe.{key}={moe[key]} must be > 0")
@@ -46,8 +39,6 @@ def validate(cfg, *, num_devices: int) -> None:
         raise ValueError(f"model.moe.group_size={moe.group_size} must divide the tokens per device, "
                          f"{tokens_per_device} = data.batch_size {cfg.data.batch_size} / {batch_shards} shards x "
                          f"data.seq_len {cfg.data.seq_len}")
-    if moe.router == "hash" and moe.k != 1:
-        raise ValueError(f"model.moe.k={moe.k} must be 1 for model.moe.router='hash'")
 
 
 def _check_vocabulary(cfg) -> None:

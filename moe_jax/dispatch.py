@@ -62,6 +62,11 @@ def check_dispatcher(name: str) -> str:
     return name
 
 
+def is_dropless(name: str) -> bool:
+    """Whether dispatcher `name` serves every routed token, so routing runs with `capacity=None`."""
+    return check_dispatcher(name) == "dropless"
+
+
 def check_activation(name: str) -> str:
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")

@@ -19,6 +19,7 @@ dim), "mlp", "expert", and "layers" for the scanned axis. sharding.py maps them 
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Optional
 
 import jax
@@ -28,7 +29,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import config_dict
 
-from moe_jax import sharding
+from moe_jax import dispatch, routers, sharding
 
 Array = jax.Array
 
@@ -82,7 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _choice(key: str, value: Any, allowed) -> Any:
     if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not one of {tuple(allowed)}")
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{key}={value!r} is not one of {tuple(allowed)}{hint}")
     return value
 
 
@@ -146,9 +149,12 @@ def validate_config(cfg) -> None:
         raise ValueError(f"model.moe.num_experts={cfg.moe.num_experts} must be >= 0 (0 = dense)")
     if is_moe(cfg):
         _dtype("model.moe.router_dtype", cfg.moe.router_dtype)
+        _choice("model.moe.router", cfg.moe.router, routers.NAMES)
+        _choice("model.moe.dispatcher", cfg.moe.dispatcher, dispatch.DISPATCHERS)
         if not 1 <= cfg.moe.k <= cfg.moe.num_experts:
             raise ValueError(f"model.moe.k={cfg.moe.k} must be in [1, model.moe.num_experts="
                              f"{cfg.moe.num_experts}]")
+        routers.get(cfg.moe.router).check_config(cfg.moe)
     num_blocks(cfg)
 
 

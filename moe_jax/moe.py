@@ -3,12 +3,14 @@
     layer = MoeLayer(d_model=64, d_ff=256, num_experts=8, rngs=nnx.Rngs(0))
     y_BLd, aux = layer(x_BLd)                     # aux: unscaled losses and routing metrics
 
-The layer holds parameters only; how a token picks its expert is routing.py, how it travels there is
-dispatch.py. One call:
+The layer holds parameters only; how a token picks its expert is routing.py, which variables each router
+keeps and which routing function it calls is routers.py, how a token travels to its experts is dispatch.py.
+One call:
 
   x [B, L, d] -> groups [G, S, d]        S = group_size tokens, whole sequences in order (see `_groups`)
   router logits [G, S, E] in `router_dtype` (float32 by default: Switch selective precision)
-  Routing = routing.route_*(...)          capacity from routing.expert_capacity (train or eval factor)
+  Routing = routers.get(router).route(...) -> routing.route_*(...)
+                                          capacity from routing.expert_capacity (train or eval factor)
   y = dispatch.apply_experts(dispatcher, x, routing, experts) (+ shared experts) -> dropout -> [B, L, d]
 
 A token dropped by every choice gets exactly 0 from the routed experts; in the model it passes through
@@ -24,19 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax import dispatch, routing
+from moe_jax import dispatch, routers, routing
 
 Array = jax.Array
 
-ROUTERS = ("top_k", "expert_choice", "hash", "noisy_top_k", "bias_balanced")
-
-
-class BalancingBias(nnx.Variable):
-    """DeepSeek-V3 per-expert selection bias: not a Param, changed only by `update_router_biases`."""
-
-
-class HashTable(nnx.Variable):
-    """Fixed token-id -> expert map of the hash router (never trained)."""
+ROUTERS = routers.NAMES
 
 
 def _switch_init(rngs: nnx.Rngs, shape, names, scale: float, *, batch_axis=()) -> nnx.Param:
@@ -53,8 +47,10 @@ class MoeLayer(nnx.Module):
       d_model, d_ff: model and expert hidden width (each expert is a d_model -> d_ff -> d_model FFN).
       num_experts: E. k: choices per token (token-choice routers); for expert choice, the average number of
         experts per token that sets the capacity.
-      router: 'top_k' | 'expert_choice' | 'hash' | 'noisy_top_k' | 'bias_balanced'.
-      dispatcher: 'einsum' | 'index' | 'dropless' (dropless routes with no capacity).
+      router: a name in `routers.NAMES` ('top_k', 'expert_choice', 'hash', 'noisy_top_k', 'bias_balanced');
+        routers.py says what each one holds and does.
+      dispatcher: a name in `dispatch.DISPATCHERS` ('einsum', 'index', 'dropless'; dropless routes with no
+        capacity).
       capacity_factor / eval_capacity_factor: training / `deterministic=True` capacity factor.
       group_size: tokens per routing group (S). Groups hold whole sequences in order, or a sequence is cut
         into group_size pieces: group_size must divide B*L and be a multiple or a divisor of L.
@@ -77,8 +73,7 @@ class MoeLayer(nnx.Module):
                  batch_prioritized: bool = False, vocab_size: Optional[int] = None,
                  bias_update_rate: float = 1e-3, router_dtype=jnp.float32, dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        if router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        spec = routers.get(router)
         dispatch.check_dispatcher(dispatcher)
         dispatch.check_activation(activation)
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts),
@@ -95,8 +90,6 @@ class MoeLayer(nnx.Module):
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
-        if router == "hash" and not vocab_size:
-            raise ValueError("router='hash' needs vocab_size (the token-id -> expert table size)")
 
         self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
         self.router, self.dispatcher, self.activation = router, dispatcher, activation
@@ -109,17 +102,11 @@ class MoeLayer(nnx.Module):
         E, d, f = num_experts, d_model, d_ff
         gated = activation in ("swiglu", "geglu")
 
-        if router == "hash":
-            self.hash_table = HashTable(jnp.asarray(routing.hash_expert_table(vocab_size, E)))
-        else:
-            self.router_kernel = _switch_init(rngs, (d, E), ("embed", None), init_scale)
-        if router == "noisy_top_k":
-            # Shazeer et al. 2017 start the noise kernel at zero: softplus(0) = 0.69 noise, no signal.
-            self.noise_kernel = nnx.Param(jnp.zeros((d, E), jnp.float32), out_sharding=("embed", None),
-                                          eager_sharding=False)
-        if router == "bias_balanced":
-            self.selection_bias = BalancingBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,),
-                                                eager_sharding=False)
+        # Router variables first: their draws from the params stream come before the experts'.
+        router_params = spec.make_params(lambda shape, names: _switch_init(rngs, shape, names, init_scale),
+                                         d_model=d, num_experts=E, vocab_size=vocab_size)
+        for name, variable in router_params.items():
+            setattr(self, name, variable)
 
         self.wi = _switch_init(rngs, (E, d, f), ("expert", "embed", "mlp"), init_scale, batch_axis=0)
         self.wi_gate = (_switch_init(rngs, (E, d, f), ("expert", "embed", "mlp"), init_scale, batch_axis=0)
@@ -136,7 +123,7 @@ class MoeLayer(nnx.Module):
             self.shared_wo = _switch_init(rngs, (fs, d), ("mlp", "embed"), init_scale)
 
         self.output_dropout = nnx.Dropout(dropout, rngs=rngs)
-        needs_rng = jitter > 0 or expert_dropout > 0 or router == "noisy_top_k"
+        needs_rng = jitter > 0 or expert_dropout > 0 or spec.draws_rng
         self.rng = rngs["dropout"].fork() if needs_rng else nnx.data(None)
 
     # ----------------------------------------------------------------------------------------- call
@@ -163,10 +150,10 @@ class MoeLayer(nnx.Module):
         mask_GS = None if padding_mask is None else padding_mask.reshape(G, S).astype(bool)
         cf = self.eval_capacity_factor if deterministic else self.capacity_factor
         capacity = routing.expert_capacity(S, self.num_experts, cf, k=self.k, min_capacity=self.min_capacity)
-        if self.dispatcher == "dropless":
+        if dispatch.is_dropless(self.dispatcher):
             capacity = None
 
-        route, probs_GSE, losses = self._route(x_GSd, mask_GS, token_ids, capacity, G, S, deterministic)
+        route, probs_GSE, losses = self._route(x_GSd, mask_GS, token_ids, capacity, deterministic)
 
         experts = dispatch.ExpertFFN(
             wi=self.wi[...], wo=self.wo[...], wi_gate=None if self.wi_gate is None else self.wi_gate[...],
@@ -181,54 +168,16 @@ class MoeLayer(nnx.Module):
         aux.update(routing.routing_metrics(route, probs_GSE, mask_GS))
         return y_BLd.astype(self.dtype), aux
 
-    def _route(self, x_GSd, mask_GS, token_ids, capacity, G, S, deterministic):
-        """-> (Routing, router probabilities [G, S, E] float32, {loss name: scalar})."""
-        E = self.num_experts
-        zero = jnp.zeros((), jnp.float32)
-        if self.router == "hash":
+    def _route(self, x_GSd, mask_GS, token_ids, capacity, deterministic):
+        """-> (Routing, router probabilities [G, S, E] float32, {loss name: scalar}), by the layer's router."""
+        spec = routers.get(self.router)
+        token_ids_GS = None
+        if spec.needs_token_ids:
             if token_ids is None:
-                raise ValueError("router='hash' needs token_ids [B, L] in the call")
-            token_ids_GS = token_ids.reshape(G, S)
-            route = routing.route_hash(token_ids_GS, expert_of_token=self.hash_table[...], num_experts=E,
-                                       capacity=capacity, padding_mask=mask_GS)
-            # No learned router: the "probabilities" are the fixed choice, and there is nothing to balance.
-            probs_GSE = jax.nn.one_hot(route.expert_index[..., 0], E, dtype=jnp.float32)
-            return route, probs_GSE, {"load_balancing_loss": zero, "router_z_loss": zero,
-                                      "router_max_logit": zero}
-
-        train = not deterministic
-        router_in_GSd = x_GSd
-        if train and self.jitter > 0:
-            router_in_GSd = routing.jitter(x_GSd, self.rng(), self.jitter)
-        logits_GSE = self._router_logits(router_in_GSd, self.router_kernel[...])
-        probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-        losses = {"load_balancing_loss": zero, "router_z_loss": routing.router_z_loss(logits_GSE, mask_GS),
-                  "router_max_logit": _max_abs(logits_GSE, mask_GS)}  # what the z-loss keeps small
-
-        if self.router == "expert_choice":
-            capacity = min(S, routing.expert_capacity(S, E, self.eval_capacity_factor if deterministic else
-                                                      self.capacity_factor, k=self.k,
-                                                      min_capacity=self.min_capacity))
-            return routing.route_expert_choice(logits_GSE, capacity=capacity, padding_mask=mask_GS), probs_GSE, \
-                losses
-        if self.router == "noisy_top_k":
-            stddev_GSE = jax.nn.softplus(self._router_logits(router_in_GSd, self.noise_kernel[...]))
-            route, noisy_losses = routing.route_noisy_top_k(
-                logits_GSE, stddev_GSE, k=self.k, capacity=capacity, rng=self.rng() if train else None,
-                padding_mask=mask_GS)
-            losses.update(noisy_losses)
-        else:
-            bias = self.selection_bias[...] if self.router == "bias_balanced" else None
-            route = routing.route_top_k(logits_GSE, k=self.k, capacity=capacity,
-                                        batch_prioritized=self.batch_prioritized, normalize=self.normalize,
-                                        padding_mask=mask_GS, selection_bias=bias)
-        losses["load_balancing_loss"] = routing.load_balancing_loss(probs_GSE, route.expert_index, mask_GS)
-        return route, probs_GSE, losses
-
-    def _router_logits(self, x_GSd, kernel_dE):
-        rdt = self.router_dtype
-        logits = jnp.einsum("GSd,dE->GSE", x_GSd.astype(rdt), kernel_dE.astype(rdt))
-        return logits.astype(jnp.float32)
+                raise ValueError(f"router={self.router!r} needs token_ids [B, L] in the call")
+            token_ids_GS = token_ids.reshape(x_GSd.shape[:2])
+        return spec.route(self, x_GSd, mask_GS=mask_GS, token_ids_GS=token_ids_GS, capacity=capacity,
+                          deterministic=deterministic)
 
     def _shared(self, x_GSd):
         dt = self.dtype
@@ -248,13 +197,28 @@ class MoeLayer(nnx.Module):
         """
         if self.router != "bias_balanced":
             raise ValueError(f"update_bias needs router='bias_balanced', this layer has router={self.router!r}")
-        bias = self.selection_bias[...]
-        load = jnp.asarray(expert_load)
-        if load.shape != bias.shape:
-            raise ValueError(f"expert_load must have the bias shape {bias.shape}, got {load.shape}")
-        E = self.num_experts
-        update = jax.vmap(lambda b, l: routing.update_balancing_bias(b, l, self.bias_update_rate))
-        self.selection_bias[...] = update(bias.reshape(-1, E), load.reshape(-1, E)).reshape(bias.shape)
+        routers.update_selection_bias(self, expert_load)
+
+
+def after_step(model: nnx.Module, metrics: dict) -> None:
+    """The trainer's hook after each optimizer step: every router's after-step update (`Router.after_step`,
+    today bias_balanced's bias update), outside the gradient; a no-op for routers without one and for dense
+    models.
+
+    Args:
+      model: any nnx module; at most one of its `MoeLayer`s may have a router with an after-step update (a
+        scanned layer stack counts as one), since `metrics` holds one layer's routing aux.
+      metrics: the step's `model.loss_fn` metrics; `metrics["moe"]` is the MoE layer's aux (stacked over
+        layers, e.g. `expert_load` [layers, E]).
+    """
+    layers = [m for _, m in nnx.iter_graph(model)
+              if isinstance(m, MoeLayer) and routers.get(m.router).after_step is not None]
+    if not layers:
+        return
+    if len(layers) != 1:
+        raise ValueError(f"after_step expects at most one MoeLayer with an after-step router in the model, "
+                         f"found {len(layers)}; call each router's after_step with its own layer's aux")
+    routers.get(layers[0].router).after_step(layers[0], metrics["moe"])
 
 
 def update_router_biases(model: nnx.Module, expert_load: Array) -> None:
@@ -271,12 +235,6 @@ def update_router_biases(model: nnx.Module, expert_load: Array) -> None:
         raise ValueError(f"update_router_biases expects one bias_balanced MoeLayer in the model, found "
                          f"{len(layers)}; call MoeLayer.update_bias on each layer with its own load")
     layers[0].update_bias(expert_load)
-
-
-def _max_abs(x_GSE: Array, mask_GS: Optional[Array]) -> Array:
-    """Largest |router logit| over real tokens (a metric, no gradient)."""
-    real_GS1 = jnp.ones(x_GSE.shape[:2] + (1,), bool) if mask_GS is None else mask_GS[..., None]
-    return jax.lax.stop_gradient(jnp.max(jnp.where(real_GS1, jnp.abs(x_GSE), 0.0)))
 
 
 def _check_group_size(group_size: int, batch: int, length: int) -> int:
