@@ -20,7 +20,9 @@ The report (printed, and written to `<workdir>/dryrun.json`):
   * the collectives in the compiled HLO: how many and how many bytes per chip of all-to-all, all-reduce,
     all-gather, reduce-scatter and collective-permute, static (ops in the HLO) and per step (ops inside
     the layer loop counted once per iteration);
-  * trace, lower and compile times.
+  * trace, lower and compile times;
+  * the mesh's placement on the torus: a mesh axis whose size is no product of whole physical axes makes
+    `sharding.make_mesh` split a physical axis (its collectives get less bandwidth); the header line says so.
 The command also writes the compiled HLO of each step (`<workdir>/train_step.hlo.txt`, `eval_step.hlo.txt`).
 A config that does not fit raises `DoesNotFit` with one paragraph (bytes needed vs available and the knobs
 that help) instead of XLA's RESOURCE_EXHAUSTED traceback.
@@ -34,6 +36,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Optional
@@ -105,9 +108,14 @@ def _install_hint() -> str:
     return f"pip install 'jax[tpu]=={jax.__version__}'"
 
 
-def topology_devices(topology: str):
-    """(chip, devices) for a topology string such as "v5p:4x4x4", or DryRunError naming what is allowed."""
-    allowed = "; ".join(f"{gen}:{{{','.join(chip.shapes)}}}" for gen, chip in CHIPS.items())
+def _allowed_topologies() -> str:
+    return "; ".join(f"{gen}:{{{','.join(chip.shapes)}}}" for gen, chip in CHIPS.items())
+
+
+def parse_topology(topology: str) -> tuple[Chip, int]:
+    """(chip, number of chips) for a topology string such as "v5p:4x4x4", checked without loading libtpu;
+    DryRunError naming what is allowed (or how to install libtpu)."""
+    allowed = _allowed_topologies()
     match = TOPOLOGY_RE.match(topology or "")
     if match is None:
         raise DryRunError(f"--topology={topology!r} is not a TPU topology of the form GENERATION:SHAPE; allowed "
@@ -121,12 +129,19 @@ def topology_devices(topology: str):
         raise DryRunError(f"--topology={topology!r} needs libtpu to compile for TPUs, and it is not installed; "
                           f"install the one matching jax {jax.__version__}: {_install_hint()} "
                           f"(or `pip install -r requirements.txt`)")
+    return chip, math.prod(int(n) for n in shape.split("x"))
+
+
+def topology_devices(topology: str):
+    """(chip, devices) for a topology string such as "v5p:4x4x4", or DryRunError naming what is allowed."""
+    chip, _ = parse_topology(topology)
     from jax.experimental import topologies
 
     try:
         desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
     except Exception as error:  # libtpu's own check, e.g. a shape the installed libtpu does not know
-        raise DryRunError(f"--topology={topology!r} was rejected by libtpu: {error}; allowed: {allowed}") from None
+        raise DryRunError(f"--topology={topology!r} was rejected by libtpu: {error}; allowed: "
+                          f"{_allowed_topologies()}") from None
     return chip, list(desc.devices)
 
 
@@ -447,6 +462,22 @@ def _step_report(name, traced, trace_s, mesh, chip, num_chips, model_flops_per_s
     return report, hlo
 
 
+def check_inputs(cfg, topology: str) -> tuple[Chip, int]:
+    """The topology, the mesh against its chip count and the trainer's config checks, before anything is loaded
+    or written: (chip, number of chips), or DryRunError / ValueError naming the value and what is allowed."""
+    chip, num_chips = parse_topology(topology)
+    try:
+        sharding.mesh_shape(cfg.mesh.shape, num_chips)
+    except ValueError as error:
+        shape = tuple(cfg.mesh.shape) if isinstance(cfg.mesh.shape, (tuple, list)) else ()
+        example = f"(-1,{shape[1]},{shape[2]})" if len(shape) == 3 and -1 not in shape[1:] else "(-1,1,1)"
+        raise DryRunError(f"--topology={topology} has {num_chips} chips, and {error}; set mesh.shape so that "
+                          f"data x expert x model = {num_chips}, or let one axis take the rest with -1 "
+                          f"(e.g. --config.mesh.shape='{example}')") from None
+    config_validation.validate(cfg, num_devices=num_chips)  # the trainer's own checks (ValueError)
+    return chip, num_chips
+
+
 def dry_run(cfg, topology: str, *, include_eval: bool = True, hlo_texts: Optional[dict] = None,
             config_name: str = "") -> dict:
     """Compile `cfg`'s train step (and eval step) for `topology`; the report as a dict (see module doc).
@@ -454,15 +485,9 @@ def dry_run(cfg, topology: str, *, include_eval: bool = True, hlo_texts: Optiona
     Raises DryRunError for a bad topology / mesh / missing libtpu, ValueError for a bad config (as the trainer
     does), DoesNotFit when the step needs more HBM than the chip has.
     """
+    check_inputs(cfg, topology)
     chip, devices = topology_devices(topology)
     num_chips = len(devices)
-    try:
-        sharding.mesh_shape(cfg.mesh.shape, num_chips)
-    except ValueError as error:
-        raise DryRunError(f"--topology={topology} has {num_chips} chips, and {error}; set mesh.shape so that "
-                          f"data x expert x model = {num_chips}, or let one axis take the rest with -1 "
-                          f"(e.g. --config.mesh.shape='(-1,{cfg.mesh.shape[1]},{cfg.mesh.shape[2]})')") from None
-    config_validation.validate(cfg, num_devices=num_chips)  # the trainer's own checks (ValueError)
     run, traced = trace_steps(cfg, devices, STEPS if include_eval else STEPS[:1])
     mesh_shape = tuple(run.mesh.shape[a] for a in ("data", "expert", "model"))
     state = state_bytes(run.abstract_state)
@@ -484,7 +509,10 @@ def dry_run(cfg, topology: str, *, include_eval: bool = True, hlo_texts: Optiona
         chip=dict(name=chip.name, count=num_chips, peak_bf16_flops=chip.peak_bf16_flops, hbm=chip.hbm,
                   usable_hbm_bytes=int(chip.usable_hbm_bytes), source=chip.source,
                   usable_hbm_source="XLA's 'available HBM' in its out-of-memory message for this chip"),
-        mesh=dict(zip(("data", "expert", "model"), mesh_shape), fsdp=bool(cfg.mesh.get("fsdp", False))),
+        mesh=dict(zip(("data", "expert", "model"), mesh_shape), fsdp=bool(cfg.mesh.get("fsdp", False)),
+                  split_physical_axes={name: list(spans) for name, spans in
+                                       sharding.split_physical_axes(run.mesh).items()},
+                  placement=sharding.placement_note(run.mesh)),
         tokens_per_step=tokens,
         params=dict(total=params["total"], active_per_token=params["active"], expert=params["expert"],
                     embedding=params["embedding"]),
@@ -527,7 +555,9 @@ def format_report(report: dict) -> str:
     chip, mesh, params, state = report["chip"], report["mesh"], report["params"], report["state_bytes"]
     lines = [
         f"{report['config'] or 'config'} on {report['topology']}: {chip['count']} x {chip['name']}, mesh "
-        f"data={mesh['data']} expert={mesh['expert']} model={mesh['model']}{' fsdp' if mesh['fsdp'] else ''}",
+        f"data={mesh['data']} expert={mesh['expert']} model={mesh['model']}{' fsdp' if mesh['fsdp'] else ''}"
+        + (f"; physical axes split for {', '.join(mesh['split_physical_axes'])}: less collective bandwidth over "
+           f"them" if mesh.get("split_physical_axes") else ""),
         f"chip: {chip['hbm']} HBM ({_size(chip['usable_hbm_bytes'])} usable), "
         f"{chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 peak; source: {chip['source']}",
         f"params: {_count(params['total'])} total, {_count(params['active_per_token'])} active per token "
@@ -535,6 +565,8 @@ def format_report(report: dict) -> str:
         f"per chip: params {_size(state['params_per_chip'])} (experts {_size(state['expert_params_per_chip'])} "
         f"of {_size(state['expert_params_total'])}), optimizer state {_size(state['optimizer_per_chip'])}",
     ]
+    if mesh.get("placement"):
+        lines.append(f"placement: {mesh['placement']}")
     for key in ("train_step", "eval_step"):
         step = report.get(key)
         if step is None:
@@ -592,16 +624,25 @@ def _config_name() -> str:
     return f"{flag.config_filename} {overrides}".strip()
 
 
+def _first_missing(path: str) -> Optional[str]:
+    """The outermost folder of `path` that does not exist yet (what makedirs would create), or None."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
 def main(argv) -> int:
     del argv
-    workdir = _FLAGS["workdir"].value
+    cfg, topology, workdir = _FLAGS["config"].value, _FLAGS["topology"].value, _FLAGS["workdir"].value
+    check_inputs(cfg, topology)  # a mistake is an `error:` line (cli.run) and leaves no workdir behind
+    created = _first_missing(workdir)
     os.makedirs(workdir, exist_ok=True)
     os.environ.setdefault("TPU_LOG_DIR", os.path.join(os.path.abspath(workdir), "tpu_logs"))
-    topology = _FLAGS["topology"].value
     path = os.path.join(workdir, "dryrun.json")
     try:
         hlo_texts = {}
-        report = dry_run(_FLAGS["config"].value, topology, include_eval=_FLAGS["eval"].value, hlo_texts=hlo_texts,
+        report = dry_run(cfg, topology, include_eval=_FLAGS["eval"].value, hlo_texts=hlo_texts,
                          config_name=_config_name())
     except DoesNotFit as error:
         with open(path, "w") as f:
@@ -609,9 +650,10 @@ def main(argv) -> int:
         print(str(error), file=sys.stderr)
         print(f"wrote {path}", file=sys.stderr)
         return 3
-    except ValueError as error:  # DryRunError and the trainer's config errors
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except ValueError:  # found only with the devices (libtpu's topology check, a mesh it cannot place)
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     for name, text in hlo_texts.items():
@@ -623,7 +665,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from moe_jax import cli
 
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)  # user errors: one `error:` line, status 2; DoesNotFit: its paragraph, status 3

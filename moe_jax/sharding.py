@@ -26,15 +26,20 @@ matter (the residual stream, the logits, the expert buffer), and the expert all-
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "expert", "model")
+
+log = logging.getLogger(__name__)
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -69,7 +74,11 @@ def rules_from_config(config) -> Rules:
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
     """`mesh.shape` with its -1 filled in; ValueError naming the key when it cannot fit `num_devices`."""
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"mesh.shape={shape!r} must be {len(MESH_AXES)} integers, one per axis {MESH_AXES}, "
+                         f"e.g. (-1, 8, 1)") from None
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh.shape={shape} must have {len(MESH_AXES)} entries, one per axis {MESH_AXES}")
     if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
@@ -89,6 +98,12 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
 def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """The ('data', 'expert', 'model') mesh, Auto axes (see the module docstring).
 
+    On TPUs `mesh_utils.create_device_mesh` lays each mesh axis onto whole physical torus axes where its size
+    allows (a product of some of them: on a 4x4x4 v5p slice, sizes 1, 4, 16, 64). Otherwise a physical axis is split between mesh axes
+    (`allow_split_physical_axes`) and a warning says which mesh axes pay for it: their collectives no longer
+    run on whole rings of the torus, so an all-to-all or all-reduce over them gets less bandwidth than over an
+    axis of whole physical axes. `split_physical_axes(mesh)` tells afterwards. Other devices: `jax.make_mesh`.
+
     Args:
       config: the run config (reads `config.mesh.shape`), a `mesh` section (reads `.shape`), or the
         3-tuple itself.
@@ -102,7 +117,99 @@ def make_mesh(config, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
         shape = config.shape
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(shape, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if devices[0].platform != "tpu":
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    if len({getattr(d, "slice_index", 0) for d in devices}) > 1:  # as jax.make_mesh refuses them
+        raise ValueError(f"mesh.shape={shape}: the devices span several TPU slices; a multi-slice mesh needs "
+                         f"jax.experimental.mesh_utils.create_hybrid_device_mesh, which make_mesh does not build")
+    try:
+        device_array = mesh_utils.create_device_mesh(shape, devices)
+    except NotImplementedError:  # an axis size that is no product of whole physical axes
+        try:
+            device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except Exception as error:  # mesh_utils raises several types for a shape it cannot place
+            raise ValueError(f"mesh.shape={shape} cannot be placed on {_torus_name(devices)}: {error}; shapes "
+                             f"that fit directly have every axis a product of whole physical axes: "
+                             f"{direct_mesh_shapes(devices)}") from None
+        mesh = Mesh(device_array, MESH_AXES, axis_types=axis_types)
+        log.warning("%s", placement_note(mesh))
+        return mesh
+    return Mesh(device_array, MESH_AXES, axis_types=axis_types)
+
+
+def _physical_coords(devices) -> Optional[np.ndarray]:
+    """[..., 3] torus coordinates of TPU devices (an array of devices of any shape), or None elsewhere."""
+    devices = np.asarray(devices, dtype=object)
+    if not all(getattr(d, "coords", None) is not None for d in devices.flat):
+        return None
+    coords = np.array([list(d.coords) for d in devices.flat], dtype=np.int64)
+    return coords.reshape(*devices.shape, coords.shape[-1])
+
+
+def _torus_shape(coords: np.ndarray) -> tuple[int, ...]:
+    flat = coords.reshape(-1, coords.shape[-1])
+    return tuple(int(n) for n in flat.max(0) - flat.min(0) + 1)
+
+
+def _torus_name(devices) -> str:
+    coords = _physical_coords(devices)
+    torus = "x".join(map(str, _torus_shape(coords))) if coords is not None else "?"
+    return f"{len(devices)} x {devices[0].device_kind} (physical torus {torus})"
+
+
+def direct_mesh_shapes(devices) -> list[tuple[int, int, int]]:
+    """The (data, expert, model) shapes whose every axis is a product of whole physical axes of `devices`."""
+    coords = _physical_coords(devices)
+    if coords is None:
+        return []
+    torus = [n for n in _torus_shape(coords) if n > 1]
+    shapes = set()
+    for owner in itertools.product(range(len(MESH_AXES)), repeat=len(torus)):  # physical axis -> mesh axis
+        shapes.add(tuple(math.prod(n for n, o in zip(torus, owner) if o == axis) for axis in range(len(MESH_AXES))))
+    return sorted(shapes)
+
+
+def split_physical_axes(mesh: Mesh) -> dict[str, tuple[int, ...]]:
+    """The mesh axes `make_mesh` had to lay across part of a physical torus axis, each with how many chips it
+    spans along each physical axis. Empty off TPUs and where mesh_utils places the shape without splitting
+    (whole physical axes, or its own ring order for a device kind, as on an 8-chip v5e)."""
+    coords = _physical_coords(mesh.devices)
+    if coords is None:
+        return {}
+    try:
+        mesh_utils.create_device_mesh(mesh.devices.shape, list(mesh.devices.flat))
+        return {}
+    except NotImplementedError:  # the shape needs allow_split_physical_axes
+        pass
+    torus = _torus_shape(coords)
+    split = {}
+    for index, name in enumerate(mesh.axis_names):
+        if mesh.devices.shape[index] == 1:
+            continue
+        line = np.moveaxis(coords, index, 0).reshape(mesh.devices.shape[index], -1, coords.shape[-1])[:, 0]
+        spans = tuple(len(set(line[:, p].tolist())) for p in range(coords.shape[-1]))
+        if any(1 < span < size for span, size in zip(spans, torus)):
+            split[name] = spans
+    return split
+
+
+def placement_note(mesh: Mesh) -> str:
+    """One paragraph on the mesh axes split across physical torus axes and what that costs; "" if none."""
+    split = split_physical_axes(mesh)
+    if not split:
+        return ""
+    devices = list(mesh.devices.flat)
+    torus = _torus_shape(_physical_coords(devices))
+    sizes = sorted({s for shape in direct_mesh_shapes(devices) for s in shape})
+    axes = ", ".join(f"{name}={mesh.shape[name]} (spans {'x'.join(map(str, spans))} of the "
+                     f"{'x'.join(map(str, torus))} torus)" for name, spans in split.items())
+    shape = tuple(mesh.devices.shape)
+    return (f"mesh.shape={shape} on {_torus_name(devices)}: physical axes are split between mesh axes "
+            f"(allow_split_physical_axes) for {axes}. Collectives over a split axis (the all-to-all over "
+            f"'expert', the gradient all-reduce over 'data') no longer run on whole rings of the torus and get "
+            f"less bandwidth than over an axis made of whole physical axes; axis sizes that map directly here: "
+            f"{sizes}.")
 
 
 # --------------------------------------------------------------------------------------------- rules

@@ -35,6 +35,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import traceback
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -123,7 +124,10 @@ def load_config(variant: Variant):
         raise SweepError(f"config file {path!r} not found (paths are relative to {REPO})")
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))  # experiment files import each other as `experiments.*`
-    cfg = _load_module(file, "sweep_config_").get_config(arg)
+    try:
+        cfg = _load_module(file, "sweep_config_").get_config(arg)
+    except Exception as error:  # a bad `:arg` (switch_base.py:experts=abc) or a broken config file
+        raise SweepError(f"config {variant.config!r}: get_config({arg!r}) raised {_raised(error, file)}") from None
     for key, value in variant.overrides.items():
         *parents, leaf = key.split(".")
         node = cfg
@@ -141,6 +145,12 @@ def load_config(variant: Variant):
         except TypeError as error:
             raise SweepError(f"{variant.config}: {key}={value!r}: {error}") from None
     return cfg
+
+
+def _raised(error: BaseException, file: pathlib.Path) -> str:
+    """'TypeName: message (file.py line N)', the line being the last frame of the traceback inside `file`."""
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if pathlib.Path(f.filename) == file]
+    return f"{type(error).__name__}: {error}" + (f" ({file.name} line {lines[-1]})" if lines else "")
 
 
 def _load_module(path: pathlib.Path, prefix: str):
@@ -172,19 +182,26 @@ def load_sweep(path: str, scale: str = "laptop") -> Sweep:
     file = pathlib.Path(path)
     if not file.is_file():
         raise SweepError(f"sweep file {path!r} not found")
+    if file.suffix != ".py":
+        raise SweepError(f"sweep file {path!r} is not a Python file: give experiments/ablations/<name>.py")
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     try:
         module = _load_module(file.resolve(), "sweep_")
     except Exception as error:  # a syntax or import error in the sweep file itself
-        raise SweepError(f"sweep file {path!r} failed to import: {type(error).__name__}: {error}") from error
+        raise SweepError(f"sweep file {path!r} failed to import: {_raised(error, file.resolve())}") from None
     for required in ("variants", "analysis"):
         if not callable(getattr(module, required, None)):
             raise SweepError(f"sweep file {path!r} must define a function `{required}` "
                              f"(see the moe_jax.sweep docstring)")
     if scale not in SCALES:
         raise SweepError(f"--scale={scale!r} is not one of {SCALES}")
-    variants = module.variants(scale)
+    try:
+        variants = module.variants(scale)
+    except SweepError as error:
+        raise SweepError(f"sweep file {path!r}: {error}") from None
+    except Exception as error:  # a bug in the sweep file: say where, without a traceback
+        raise SweepError(f"sweep file {path!r}: variants({scale!r}) raised {_raised(error, file.resolve())}") from None
     if not isinstance(variants, dict) or not variants or not all(
             isinstance(v, Variant) for v in variants.values()):
         raise SweepError(f"sweep file {path!r}: variants({scale!r}) must return a non-empty dict "
@@ -534,8 +551,17 @@ def plot(summaries: dict, path: pathlib.Path, title: str) -> None:
 # --------------------------------------------------------------------------------------------- CLI
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown --scale, missing --sweep, unknown flag) are one `error:` line."""
+
+    def error(self, message):
+        from moe_jax import cli
+
+        cli.fail(f"{message}\n(python -m moe_jax.sweep --help lists the flags)")
+
+
 def main(argv: Optional[list] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_jax.sweep", description=__doc__.split("\n\n")[0])
+    parser = _ArgumentParser(prog="python -m moe_jax.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", required=True, help="experiments/ablations/<name>.py")
     parser.add_argument("--workdir", required=True, help="runs go to <workdir>/<sweep>/<variant>")
     parser.add_argument("--scale", default="laptop", choices=SCALES)

@@ -3,6 +3,7 @@
 libtpu is a pinned requirement (requirements.txt): these tests fail, never skip, without it.
 """
 
+import importlib
 import importlib.metadata
 import json
 import os
@@ -16,6 +17,7 @@ os.environ.setdefault("TPU_LOG_DIR", tempfile.mkdtemp(prefix="moe_jax_tpu_logs_"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from cli_checks import assert_user_error, run_cli  # noqa: E402
 
 from experiments import tiny_switch  # noqa: E402
 from moe_jax import data, dryrun, sharding, train  # noqa: E402
@@ -187,3 +189,120 @@ def test_requirements_pin_the_libtpu_that_jax_tpu_brings():
     wanted = [r for r in importlib.metadata.requires("jax") if r.startswith("libtpu") and 'extra == "tpu"' in r]
     prefix = re.search(r"libtpu==([\d.]+)\*", wanted[0]).group(1)
     assert pin.split("==")[1].startswith(prefix)
+
+
+# --------------------------------------------------------------------------------------------- meshes
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem != "__init__")
+V5P = dryrun.CHIPS["v5p"].shapes
+MESH_TOPOLOGIES = ([f"v5p:{s}" for s in V5P[:V5P.index("8x8x8") + 1]]
+                   + [f"v5e:{s}" for s in dryrun.CHIPS["v5e"].shapes if s != "1x1"])  # libtpu rejects v5e:1x1
+
+
+def test_every_experiment_mesh_on_every_topology():
+    """Shape only, no compilation: the mesh of every experiment config (its default `get_config()`) on v5p 2x2x1
+    ... 8x8x8 and v5e 2x2 ... 16x16. A shape made of whole physical axes is placed as jax.make_mesh places it;
+    any other shape splits a physical axis and says so; a shape the chip count cannot hold is a ValueError
+    naming mesh.shape."""
+    configs = {name: importlib.import_module(f"experiments.{name}").get_config() for name in EXPERIMENTS}
+    refused = []
+    for topology in MESH_TOPOLOGIES:
+        _, devices = dryrun.topology_devices(topology)
+        direct = sharding.direct_mesh_shapes(devices)
+        for name, cfg in configs.items():
+            typed = f"mesh.shape={tuple(cfg.mesh.shape)}"
+            try:
+                shape = sharding.mesh_shape(cfg.mesh.shape, len(devices))
+            except ValueError:
+                with pytest.raises(ValueError, match=re.escape(typed)):
+                    sharding.make_mesh(cfg, devices)
+                refused.append((name, topology))
+                continue
+            mesh = sharding.make_mesh(cfg, devices)
+            assert mesh.devices.shape == shape and mesh.axis_names == sharding.MESH_AXES
+            assert set(mesh.axis_types) == {jax.sharding.AxisType.Auto}
+            assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+            split = sharding.split_physical_axes(mesh)
+            if shape in direct:
+                assert not split, (name, topology)
+                assert not sharding.placement_note(mesh)
+                reference = jax.make_mesh(shape, sharding.MESH_AXES, devices=devices)
+                assert mesh.devices.tolist() == reference.devices.tolist(), (name, topology)
+            else:
+                assert "expert" in split, (name, topology, shape, split)
+    # The Switch configs' expert axis of 8 does not fit a 4-chip slice; nothing else is refused.
+    assert sorted(refused) == sorted((name, topology) for name in ("moe_base", "switch_base", "switch_large")
+                                     for topology in ("v5p:2x2x1", "v5e:2x2"))
+
+
+def test_switch_base_on_v5p_4x4x4_splits_a_physical_axis_and_says_what_it_costs():
+    """The command of the issue: the expert axis of 8 is no product of whole physical axes (4, 4, 4)."""
+    _, devices = dryrun.topology_devices("v5p:4x4x4")
+    cfg = importlib.import_module("experiments.switch_base").get_config()
+    mesh = sharding.make_mesh(cfg, devices)
+    assert dict(mesh.shape) == dict(data=8, expert=8, model=1)
+    split = sharding.split_physical_axes(mesh)
+    assert set(split) == {"data", "expert"} and sorted(split["expert"]) == [1, 2, 4]
+    note = sharding.placement_note(mesh)
+    for needle in ("mesh.shape=(8, 8, 1)", "physical torus 4x4x4", "less bandwidth", "all-to-all",
+                   "map directly here: [1, 4, 16, 64]"):
+        assert needle in note, needle
+    assert (1, 16, 4) in sharding.direct_mesh_shapes(devices) and (8, 8, 1) not in sharding.direct_mesh_shapes(devices)
+
+
+def test_mesh_that_cannot_be_placed_is_a_value_error(monkeypatch):
+    _, devices = dryrun.topology_devices("v5p:4x4x4")
+
+    def refuse(shape, devices, **kwargs):
+        raise NotImplementedError("no assignment")
+
+    monkeypatch.setattr(sharding.mesh_utils, "create_device_mesh", refuse)
+    with pytest.raises(ValueError) as caught:
+        sharding.make_mesh((8, 8, 1), devices)
+    message = str(caught.value)
+    assert "mesh.shape=(8, 8, 1) cannot be placed on 64 x TPU v5 (physical torus 4x4x4)" in message
+    assert "(1, 16, 4)" in message  # the shapes that fit
+
+
+def test_cpu_mesh_is_jax_make_mesh(eight_devices):
+    mesh = sharding.make_mesh((2, 4, 1), eight_devices)
+    reference = jax.make_mesh((2, 4, 1), sharding.MESH_AXES, devices=eight_devices)
+    assert mesh.devices.tolist() == reference.devices.tolist() and not sharding.split_physical_axes(mesh)
+
+
+def test_report_header_says_when_a_physical_axis_is_split():
+    """(2, 8, 1) on v5e:4x4 (physical 4x4): 8 is no product of whole physical axes. A small model, train step only."""
+    cfg = tiny_switch_config((2, 8, 1), num_layers=2, d_model=64, d_ff=128, num_heads=2)
+    cfg.model.moe.group_size = 256
+    cfg.data.batch_size, cfg.data.seq_len = 16, 64
+    report = dryrun.dry_run(cfg, "v5e:4x4", include_eval=False, config_name="tiny")
+    assert report["mesh"]["split_physical_axes"] == {"data": [1, 2, 1], "expert": [4, 2, 1]}
+    header, *rest = dryrun.format_report(report).splitlines()
+    assert "physical axes split for data, expert: less collective bandwidth over them" in header
+    assert any(line.startswith("placement: mesh.shape=(2, 8, 1)") for line in rest)
+    assert json.loads(json.dumps(report)) == report
+
+
+# --------------------------------------------------------------------------------------------- CLI errors
+
+TINY = "--config=experiments/tiny_switch.py"
+
+
+@pytest.mark.parametrize("args, needles", [
+    ([TINY, "--topology=v9:2x2"], ["'v9:2x2'", "allowed generations"]),
+    ([TINY, "--topology=v5e:2x2", "--config.mesh.shape=(2,4,1)"], ["mesh.shape=(2, 4, 1)", "4 chips"]),
+    ([TINY, "--topology=v5e:2x2", "--config.model.moe.num_expert=16"],
+     ["num_expert", "did you mean model.moe.num_experts?"]),
+    ([TINY, "--topology=v5e:2x2", "--config.model.d_model=abc"], ["model.d_model=abc", "integer"]),
+    ([TINY, "--topology=v5e:2x2", "--config.model.moe.k=99"], ["model.moe.k=99", "num_experts=8"]),
+    ([TINY, "--topology=v5e:2x2", "--config.model.moe.router=foo"], ["router='foo'", "top_k"]),
+    ([TINY, "--topology=v5e:2x2", "--config.model.moe.dispatcher=foo"], ["dispatcher='foo'", "einsum"]),
+    (["--config=experiments/nope.py", "--topology=v5e:2x2"], ["experiments/nope.py", "No such file"]),
+    ([TINY], ["--topology is required"]),
+], ids=["topology", "mesh", "unknown-key", "type", "k-above-experts", "router", "dispatcher", "config-file",
+        "missing-flag"])
+def test_command_mistakes_are_one_error_line(tmp_path, args, needles):
+    workdir = tmp_path / "dryrun"
+    result = run_cli("moe_jax.dryrun", [*args, f"--workdir={workdir}"], cwd=ROOT)
+    assert result.returncode == 2
+    assert_user_error(result, *needles, not_created=[workdir])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_checks import assert_user_error, run_cli
 
 from moe_jax import sweep
 
@@ -130,3 +131,38 @@ def test_bad_sweep_files_and_variants_fail_clearly(tmp_path, capsys):
     assert "unknown config key 'model.moe.num_expert'" in error([f"--sweep={bad_key}", workdir])
     message = error([f"--sweep={write_sweep(tmp_path)}", workdir, "--variants=index,bogus"])
     assert "unknown variant(s) ['bogus']" in message and "['index', 'einsum']" in message
+
+
+RAISES_IN_VARIANTS = """from moe_jax import sweep
+
+
+def variants(scale):
+    return {"a": sweep.base(scale)} | {"b": 1 / 0}
+
+
+def analysis(results, scale):
+    return ""
+"""
+BAD_CONFIG_ARG = RAISES_IN_VARIANTS.replace('{"a": sweep.base(scale)} | {"b": 1 / 0}',
+                                            '{"a": sweep.Variant("experiments/switch_base.py:experts=abc")}')
+NUM_EXPERTS = "--sweep=experiments/ablations/num_experts.py"
+
+
+@pytest.mark.parametrize("args, needles", [
+    ([NUM_EXPERTS, "--scale=huge"], ["--scale", "'huge'", "'laptop', 'paper'"]),
+    (["--sweep=experiments/ablations/nope.py"], ["'experiments/ablations/nope.py' not found"]),
+    (["--sweep=README.md"], ["'README.md' is not a Python file"]),
+    ([NUM_EXPERTS, "--variants=8 experts,bogus"], ["['bogus']", "'dense', '2 experts'"]),
+    ([], ["required: --sweep"]),
+    (["--sweep={raises}"], ["variants('laptop') raised ZeroDivisionError", "raises.py line 5"]),
+    (["--sweep={bad_arg}"], ["variant 'a'", "get_config('experts=abc') raised ValueError", "experts=<int>"]),
+], ids=["scale", "missing-file", "not-python", "variant", "missing-flag", "variants-raises", "config-arg"])
+def test_command_mistakes_are_one_error_line(tmp_path, args, needles):
+    """The sweep command as a user runs it: one `error:` line, status 2, nothing created."""
+    files = dict(raises=write_sweep(tmp_path, RAISES_IN_VARIANTS, "raises"),
+                 bad_arg=write_sweep(tmp_path, BAD_CONFIG_ARG, "bad_arg"))
+    workdir, results = tmp_path / "runs", tmp_path / "results"
+    args = [a.format(**files) for a in args] + [f"--workdir={workdir}", f"--results_dir={results}"]
+    result = run_cli("moe_jax.sweep", args, cwd=REPO)
+    assert result.returncode == 2
+    assert_user_error(result, *needles, not_created=[workdir, results])

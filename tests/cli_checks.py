@@ -1,0 +1,28 @@
+"""What a user's mistake on the command line must look like, for the subprocess tests of every CLI."""
+
+import os
+import subprocess
+import sys
+
+
+def run_cli(module, args, cwd, timeout=120):
+    """`python -m <module> <args>` in `cwd` on the CPU (libtpu quiet), as a user runs it."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env.pop("MOE_JAX_TRACEBACK", None)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_user_error(result, *needles, not_created=()):
+    """A non-zero exit, exactly one stderr line starting with `error: ` that contains every needle, no
+    traceback, and none of the paths in `not_created` left behind."""
+    output = result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0, output[-3000:]
+    assert len(errors) == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    for path in not_created:
+        assert not os.path.exists(path), f"{path} was created by a command that failed"
+    return errors[0]
