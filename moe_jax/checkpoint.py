@@ -4,10 +4,18 @@ One checkpoint = one step directory with two items: `state` (any pytree of array
 step, rng) and `data_iter` (the grain iterator's position), so a resumed run sees exactly the batches the
 uninterrupted run would have seen. Saves are asynchronous; `max_to_keep` old steps are kept. Restoring reads
 onto whatever shardings the abstract state carries, so a run may resume on a different mesh.
+
+The iterator position is written by `DataIteratorHandler`, not grain's own handler: grain's writes
+`get_state()` through plain JSON, which turns tuples into lists, and grain's packing compares its
+`remainder_slices` with a tuple, so a state restored from that JSON yields other batches, silently. Here the
+state is encoded so that it decodes to an equal object of the same types (tuples tagged), and a state that
+would not round-trip exactly is refused when it is saved, not discovered after a resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from typing import Any, Optional
 
@@ -21,6 +29,130 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """No checkpoint in a directory that has some could be read."""
+
+
+# --------------------------------------------------------------------------------------------- data iterator
+
+_FORMAT_KEY, _FORMAT = "moe_jax_iterator_state", 1
+
+
+def encode_iterator_state(state: Any) -> str:
+    """JSON text that `decode_iterator_state` turns back into an object equal to `state`, types included.
+
+    Dicts (string keys), lists, tuples, str, int, float, bool and None are supported; anything else (a numpy
+    scalar, a non-string key) is a ValueError naming where it is, since plain JSON would change it."""
+    encoded = json.dumps({_FORMAT_KEY: _FORMAT, "state": _tag(state, "state")}, indent=1, allow_nan=False)
+    if not _same(decode_iterator_state(encoded), state):
+        raise ValueError(f"data iterator state does not round-trip exactly through JSON: {state!r}")
+    return encoded
+
+
+def decode_iterator_state(text: str) -> Any:
+    """Inverse of `encode_iterator_state`; also reads grain's own (plain JSON) files, turning its packing
+    `remainder_slices` back into the tuples grain compares them with."""
+    raw = json.loads(text)
+    if isinstance(raw, dict) and raw.get(_FORMAT_KEY) == _FORMAT:
+        return _untag(raw["state"])
+    return _tuples_in_remainder_slices(raw)
+
+
+def _tag(value, where):
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int, float)):
+        if type(value) not in (bool, int, float, str, type(None)):
+            raise ValueError(f"data iterator state at {where}: {type(value).__name__} {value!r} is not a plain "
+                             f"Python scalar and would not round-trip through JSON")
+        return value
+    if isinstance(value, tuple):
+        return {"__tuple__": [_tag(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_tag(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value) or "__tuple__" in value:
+            raise ValueError(f"data iterator state at {where}: dict keys must be strings, got {list(value)}")
+        return {k: _tag(v, f"{where}.{k}") for k, v in value.items()}
+    raise ValueError(f"data iterator state at {where}: {type(value).__name__} is not JSON-serialisable exactly")
+
+
+def _untag(value):
+    if isinstance(value, list):
+        return [_untag(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_untag(v) for v in value["__tuple__"])
+        return {k: _untag(v) for k, v in value.items()}
+    return value
+
+
+def _same(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _tuples_in_remainder_slices(value):
+    if isinstance(value, list):
+        return [_tuples_in_remainder_slices(v) for v in value]
+    if isinstance(value, dict):
+        return {k: ({f: tuple(s) for f, s in v.items()} if k == "remainder_slices" and isinstance(v, dict)
+                    else _tuples_in_remainder_slices(v)) for k, v in value.items()}
+    return value
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+    """Orbax handler for a grain DatasetIterator: `process_<i>-of-<n>.json` per process, exact round trip."""
+
+    def save(self, directory: epath.Path, args: "DataIteratorSave"):
+        directory = epath.Path(directory)
+        (directory / _iterator_file()).write_text(encode_iterator_state(args.item.get_state()))
+
+    def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
+        path = epath.Path(directory) / _iterator_file()
+        if not path.exists():
+            raise FileNotFoundError(f"no data iterator state {path} (this process's position in the data)")
+        iterator = args.item
+        iterator.set_state(decode_iterator_state(path.read_text()))
+        if hasattr(iterator, "start_prefetch"):
+            iterator.start_prefetch()
+        return iterator
+
+    def metadata(self, directory: epath.Path):
+        return None
+
+    def structure(self, directory: epath.Path):
+        return None
+
+    def finalize(self, directory: epath.Path):
+        pass
+
+    def close(self):
+        pass
+
+    @classmethod
+    def typestr(cls):
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
+def _iterator_file() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+# --------------------------------------------------------------------------------------------- checkpointer
 
 
 class Checkpointer:
@@ -47,7 +179,7 @@ class Checkpointer:
         """Start an asynchronous save of `state` (and the iterator position) as step `step`."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data_iter"] = DataIteratorSave(data_iterator)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore_latest(self, abstract_state: Any, data_iterator: Optional[grain.DatasetIterator] = None):
@@ -65,7 +197,7 @@ class Checkpointer:
         for step in reversed(steps):
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iterator is not None:
-                items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                items["data_iter"] = DataIteratorRestore(data_iterator)
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as error:  # orbax raises many types for a damaged directory

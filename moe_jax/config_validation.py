@@ -4,6 +4,8 @@ batch or the device count."""
 
 from __future__ import annotations
 
+from etils import epath
+
 from moe_jax import data as data_lib, model as model_lib, sharding
 
 
@@ -23,6 +25,8 @@ def validate(cfg, *, num_devices: int) -> None:
             raise ValueError(f"train.{key}={cfg.train[key]!r} must be a positive integer")
     if not cfg.train.learning_rate > 0:
         raise ValueError(f"train.learning_rate={cfg.train.learning_rate} must be > 0")
+    model_lib._choice("train.optimizer", cfg.train.optimizer, ("adamw", "adafactor"))
+    _check_data(cfg.data)
     _check_vocabulary(cfg)
 
     moe = cfg.model.moe
@@ -35,10 +39,67 @@ def validate(cfg, *, num_devices: int) -> None:
         raise ValueError(f"model.moe.num_experts={moe.num_experts} must be divisible by the expert mesh axis "
                          f"({expert_axis}, mesh.shape={tuple(cfg.mesh.shape)}): each device holds E / expert experts")
     tokens_per_device = cfg.data.batch_size // batch_shards * cfg.data.seq_len
-    if moe.group_size < 1 or tokens_per_device % moe.group_size:
-        raise ValueError(f"model.moe.group_size={moe.group_size} must divide the tokens per device, "
-                         f"{tokens_per_device} = data.batch_size {cfg.data.batch_size} / {batch_shards} shards x "
-                         f"data.seq_len {cfg.data.seq_len}")
+    group = routing_group_size(cfg, num_devices=num_devices)
+    if not isinstance(moe.group_size, int) or moe.group_size < 1 or tokens_per_device % group:
+        raise ValueError(f"model.moe.group_size={moe.group_size!r} must be a positive integer that divides the "
+                         f"tokens per device, {tokens_per_device} = data.batch_size {cfg.data.batch_size} / "
+                         f"{batch_shards} shards x data.seq_len {cfg.data.seq_len} (a larger value is capped at "
+                         f"{tokens_per_device}); e.g. {_divisors_note(tokens_per_device, cfg.data.seq_len)}")
+
+
+def routing_group_size(cfg, *, num_devices: int) -> int:
+    """The tokens per routing group a run uses: `model.moe.group_size`, capped at the tokens each device holds.
+
+    A routing group never spans devices (routing is per group and needs no communication), so on N devices
+    the same config routes in groups of min(group_size, tokens per device): tiny_switch's 4096 is one group
+    of the whole batch on one device and groups of 512 on 8. Capacity is per group, so a smaller group drops
+    more tokens at the same capacity factor; the start-up header prints the group size in use.
+    """
+    data_axis, expert_axis, _ = sharding.mesh_shape(cfg.mesh.shape, num_devices)
+    tokens_per_device = cfg.data.batch_size // (data_axis * expert_axis) * cfg.data.seq_len
+    group_size = cfg.model.moe.group_size
+    return min(group_size, tokens_per_device) if isinstance(group_size, int) and group_size > 0 else group_size
+
+
+def resolve(cfg, *, num_devices: int):
+    """`validate`, then a copy of the config with derived values filled in (`model.moe.group_size` as used)."""
+    validate(cfg, num_devices=num_devices)
+    resolved = cfg.copy_and_resolve_references()
+    if model_lib.is_moe(cfg.model):
+        resolved.model.moe.group_size = routing_group_size(cfg, num_devices=num_devices)
+    return resolved
+
+
+def _divisors_note(tokens_per_device: int, seq_len: int) -> str:
+    sizes = [n for n in range(seq_len, tokens_per_device + 1, seq_len) if tokens_per_device % n == 0]
+    sizes += [n for n in range(1, seq_len) if seq_len % n == 0 and n >= 8]
+    return "one of " + ", ".join(str(n) for n in sorted(set(sizes))[-6:])
+
+
+def _check_data(data_cfg) -> None:
+    """The `data` keys that can be checked without reading any data (files are opened by the pipeline)."""
+    from moe_jax.data import sources
+
+    model_lib._choice("data.source", data_cfg.source, sources.SOURCES)
+    if data_cfg.source in ("jsonl", "text"):
+        if not str(data_cfg.paths).strip(","):
+            raise ValueError(f"data.paths is empty: data.source={data_cfg.source!r} needs one or more files or "
+                             f"globs (comma-separated, .gz allowed)")
+        if not 0 < data_cfg.eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction={data_cfg.eval_fraction} must be in (0, 1): the share of "
+                             f"documents held out for evaluation")
+    if data_cfg.source == "text":
+        model_lib._choice("data.text_document", data_cfg.text_document, ("line", "paragraph"))
+    tokenizer = str(data_cfg.tokenizer)
+    if data_cfg.source != "synthetic" and tokenizer != "byte":
+        if not tokenizer.endswith(".model"):
+            raise ValueError(f"data.tokenizer={tokenizer!r} must be 'byte' or the path of a SentencePiece "
+                             f"'.model' file")
+        if "://" not in tokenizer and not epath.Path(tokenizer).exists():
+            raise FileNotFoundError(f"data.tokenizer={tokenizer!r}: no such SentencePiece model file")
+    for key in ("num_threads", "prefetch", "num_workers", "num_shards"):
+        if not (isinstance(data_cfg[key], int) and data_cfg[key] >= 0):
+            raise ValueError(f"data.{key}={data_cfg[key]!r} must be an integer >= 0")
 
 
 def _check_vocabulary(cfg) -> None:

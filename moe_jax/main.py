@@ -3,17 +3,19 @@
     python -m moe_jax.main --config=experiments/tiny_switch.py --workdir=runs/tiny_switch \
         [--config.train.steps=1000 --config.model.moe.capacity_factor=1.0 ...]
 
-Running the same command again resumes from the latest checkpoint in the workdir.
+Running the same command again resumes from the latest checkpoint in the workdir. A mistake in the command
+(an unknown key, a bad value, a missing data file) is one `error: ...` line, exit status 2, and no run
+directory (moe_jax.cli).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from moe_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (with an optional :arg).",
                                           lock_config=True)
@@ -47,13 +49,12 @@ def main(argv) -> int:
 
     try:
         result = train.train(cfg, _WORKDIR.value)
-    except (ValueError, train.TrainingDiverged) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except train.TrainingDiverged as error:
+        cli.fail(str(error))
     if result.get("interrupted"):
         print(f"interrupted at step {result['step']}; checkpoint saved, run the same command to resume")
     return 0
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

@@ -71,13 +71,22 @@ class MetricWriter:
         self._tensorboard.flush()
 
     def progress(self, step: int, values: Mapping[str, Any], seconds_per_step: float) -> None:
-        """One console line: step, losses, speed, ETA."""
+        """One console line of training: step, losses, speed, ETA."""
         if not self.enabled:
             return
         eta = max(self.total_steps - step, 0) * seconds_per_step
-        shown = " ".join(f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in values.items()
-                         if isinstance(v, float) and k in _CONSOLE_KEYS)
-        print(f"step {step}/{self.total_steps} {shown} eta {_duration(eta)}", flush=True)
+        print(f"step {step}/{self.total_steps} {_shown(values, _TRAIN_CONSOLE_KEYS)} eta {_duration(eta)}",
+              flush=True)
+
+    def eval_line(self, step: int, values: Mapping[str, Any]) -> None:
+        """One console line of evaluation results."""
+        if self.enabled:
+            print(f"eval at step {step}/{self.total_steps}: {_shown(values, _EVAL_CONSOLE_KEYS)}", flush=True)
+
+    def header(self, text: str) -> None:
+        """Start-up and status lines (process 0 only)."""
+        if self.enabled:
+            print(text, flush=True)
 
     def close(self) -> None:
         if self.enabled:
@@ -85,8 +94,13 @@ class MetricWriter:
             self._tensorboard.close()
 
 
-_CONSOLE_KEYS = ("train/loss", "train/accuracy", "train/tokens_per_sec", "train/mfu", "eval/loss",
-                 "eval/gap_to_floor", "moe/dropped_fraction")
+_TRAIN_CONSOLE_KEYS = ("train/loss", "train/accuracy", "train/tokens_per_sec", "train/mfu", "moe/dropped_fraction")
+_EVAL_CONSOLE_KEYS = ("eval/loss", "eval/ce", "eval/accuracy", "eval/gap_to_floor")
+
+
+def _shown(values: Mapping[str, Any], keys) -> str:
+    return " ".join(f"{key.split('/', 1)[-1]}={values[key]:.4g}" for key in keys
+                    if isinstance(values.get(key), float))
 
 
 def _duration(seconds: float) -> str:

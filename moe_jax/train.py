@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 
 from moe_jax import checkpoint as checkpoint_lib
-from moe_jax import config_validation, data, metric_writer, model as model_lib, sharding
+from moe_jax import config_validation, data, metric_writer, model as model_lib, moe as moe_lib, sharding
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def make_train_step(cfg) -> Callable:
 
         (_, metrics), grads = nnx.value_and_grad(loss, has_aux=True)(model)
         optimizer.update(model, grads)
-        update_router_biases(model, metrics)
+        moe_lib.after_step(model, metrics)  # routers' own updates outside the gradient (bias_balanced)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return nnx.state((model, optimizer)), metrics
 
@@ -158,7 +158,10 @@ def _create(cfg):
 
 
 def setup(cfg, devices=None) -> TrainSetup:
-    """Build the mesh, the abstract state with its shardings, and jit the steps (nothing is allocated)."""
+    """Validate the config, build the mesh, the abstract state with its shardings, and jit the steps (nothing
+    is allocated). `TrainSetup.config` is the config as run (`config_validation.resolve`)."""
+    devices = list(jax.devices() if devices is None else devices)
+    cfg = config_validation.resolve(cfg, num_devices=len(devices))
     mesh = sharding.make_mesh(cfg, devices)
     rules = sharding.rules_from_config(cfg)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: _create(cfg)))
@@ -173,13 +176,6 @@ def setup(cfg, devices=None) -> TrainSetup:
     eval_step = jax.jit(functools.partial(make_eval_step(cfg), graphdef),
                         in_shardings=(state_shardings, batch_sharding), out_shardings=metrics_sharding)
     return TrainSetup(cfg, mesh, graphdef, abstract_state, state_shardings, batch_sharding, train_step, eval_step)
-
-
-def update_router_biases(model, metrics) -> None:
-    """DeepSeek-V3 balancing: move each bias_balanced router's selection bias against its observed load."""
-    if model.config.moe.num_experts and model.config.moe.router == "bias_balanced":
-        from moe_jax import moe as moe_lib
-        moe_lib.update_router_biases(model, metrics["moe"]["expert_load"])
 
 
 def state_shardings_for(abstract_state, mesh, rules):
@@ -219,20 +215,31 @@ class TrainingDiverged(RuntimeError):
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:
-    """Train (or resume) the run in `workdir`; returns the last logged train and eval metrics."""
-    config_validation.validate(cfg, num_devices=len(devices) if devices is not None else jax.device_count())
-    workdir = epath.Path(workdir)
-    run = setup(cfg, devices)
-    writer = metric_writer.MetricWriter(workdir, total_steps=cfg.train.steps)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    """Train (or resume) the run in `workdir`; returns the last logged train and eval metrics.
 
+    Everything that can be wrong with the config or the data is checked before anything is written: a
+    ValueError (or FileNotFoundError / KeyError for data files) leaves no run directory behind.
+    """
+    workdir = epath.Path(workdir)
+    run = setup(cfg, devices)  # validates the config
+    cfg = run.config
     block = dict(process_index=process_batch_block(run.batch_sharding, cfg.data.batch_size),
                  process_count=jax.process_count())
     train_iter = data.make_train_iterator(cfg.data, **block)
     eval_batches = [sharding.shard_batch(b, run.mesh)
                     for b in data.make_eval_batches(cfg.data, cfg.train.eval_steps, **block)]
     floor = data.entropy_floor(cfg.data)
+
+    finished = _finished_step(workdir / "checkpoints", cfg.train.steps)
+    if finished is not None:
+        if jax.process_index() == 0:
+            print(f"already finished at step {finished} (train.steps={cfg.train.steps}) in {workdir}; raise "
+                  f"--config.train.steps to train further", flush=True)
+        return {"step": finished, "interrupted": False, "already_finished": True}
+
+    writer = metric_writer.MetricWriter(workdir, total_steps=cfg.train.steps)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints)
     restored = checkpointer.restore_latest(run.abstract_state, train_iter)
     if restored is None:
@@ -240,6 +247,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
     else:
         start_step, state = restored
         log.info("resumed from step %d in %s", start_step, checkpointer.directory)
+    writer.header(startup_header(cfg, run, workdir, start_step))
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_per_step = model_lib.flops_per_token(_abstract_model(run), cfg.data.seq_len) * tokens_per_step
@@ -278,7 +286,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
         step = start_step
         while step < cfg.train.steps:
             batch = sharding.shard_batch(next(train_iter), run.mesh)
+            if step == start_step:
+                writer.header(f"compiling the train step (the first step; ~30 s on a laptop CPU) ...")
+                compile_start = time.time()
             state, metrics = run.train_step(state, batch)
+            if step == start_step:
+                jax.block_until_ready(metrics["loss"])
+                writer.header(f"compiled and ran step {step + 1} in {time.time() - compile_start:.1f} s")
+                if step + 1 < cfg.train.steps and (step + 1) % cfg.train.log_every:
+                    window_start, window_steps = time.time(), -1  # compilation is not training time
             step += 1
             window_steps += 1
             pending_losses.append((step, metrics["loss"]))
@@ -297,12 +313,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
                 last.update(values)
                 window_start, window_steps = time.time(), 0
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                last.update(evaluate(step))
-                writer.progress(step, last, 0.0)
+                eval_metrics = evaluate(step)
+                last.update(eval_metrics)
+                writer.eval_line(step, eval_metrics)
                 window_start = time.time()  # evaluation time is not training time
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop.requested:
                 check_finite()
                 checkpointer.save(step, state, train_iter, force=True)
+                window_start = time.time()  # nor is starting a checkpoint save
             if stop.requested:
                 log.warning("received %s: saved step %d, exiting", stop.signal_name, step)
                 break
@@ -312,6 +330,35 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
     last["step"] = step
     last["interrupted"] = stop.requested
     return last
+
+
+def startup_header(cfg, run: TrainSetup, workdir, start_step: int) -> str:
+    """What a run is about to do, in a few lines: devices, mesh, parameters, tokens, where things go."""
+    counts = model_lib.count_params(_abstract_model(run))
+    mesh = ", ".join(f"{name}={size}" for name, size in run.mesh.shape.items())
+    devices = run.mesh.devices.flat[0]
+    lines = [
+        f"devices: {run.mesh.size} x {devices.device_kind} ({devices.platform}), {jax.process_count()} process(es);"
+        f" mesh {mesh}",
+        f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token"
+        + (f"; {cfg.model.moe.num_experts} experts every {cfg.model.moe.every} layers, routing groups of "
+           f"{cfg.model.moe.group_size} tokens" if model_lib.is_moe(cfg.model) else " (dense)"),
+        f"data: {cfg.data.source}, {cfg.data.batch_size} x {cfg.data.seq_len} = "
+        f"{cfg.data.batch_size * cfg.data.seq_len} tokens per step, {cfg.train.steps} steps",
+        f"metrics: {epath.Path(workdir) / 'metrics.jsonl'} (TensorBoard: {epath.Path(workdir) / 'tensorboard'}); "
+        f"checkpoints: {epath.Path(workdir) / 'checkpoints'} every {cfg.train.checkpoint_every} steps",
+    ]
+    if start_step:
+        lines.append(f"resuming from the step-{start_step} checkpoint")
+    return "\n".join(lines)
+
+
+def _finished_step(checkpoint_dir: epath.Path, steps: int) -> Optional[int]:
+    """The latest checkpoint step if it is >= `steps` (the run is done), else None. Reads, creates nothing."""
+    if not checkpoint_dir.exists():
+        return None
+    done = [int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit() and int(p.name) >= steps]
+    return max(done) if done else None
 
 
 def process_batch_block(batch_sharding: jax.sharding.NamedSharding, batch_size: int) -> int:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moe_jax import checkpoint
 from moe_jax.checkpoint import CheckpointError, Checkpointer
 
 
@@ -92,3 +93,46 @@ def test_restore_onto_another_mesh(tmp_path, eight_devices):
 def test_bad_keep_value():
     with pytest.raises(ValueError, match="keep_checkpoints must be >= 1, got 0"):
         Checkpointer("/tmp/unused", max_to_keep=0)
+
+
+def test_iterator_state_encoding_round_trips_types_exactly():
+    state = {"a": (0, 0), "b": [1, (2, 3.5)], "c": {"d": None, "e": True, "f": "x"}, "g": []}
+    decoded = checkpoint.decode_iterator_state(checkpoint.encode_iterator_state(state))
+    assert decoded == state and isinstance(decoded["a"], tuple) and isinstance(decoded["b"][1], tuple)
+    assert isinstance(decoded["b"], list)
+    with pytest.raises(ValueError, match=r"state\.x.*int64"):
+        checkpoint.encode_iterator_state({"x": np.int64(3)})
+
+
+def test_grain_plain_json_state_gets_its_remainder_tuples_back():
+    plain = '{"parent_state": {"next_index": 3}, "remainder_slices": {"tokens": [0, 0]}, "n": [1, 2]}'
+    decoded = checkpoint.decode_iterator_state(plain)
+    assert decoded["remainder_slices"]["tokens"] == (0, 0) and decoded["n"] == [1, 2]
+
+
+def _packed_iterator():
+    from moe_jax.data import packing
+
+    lengths = (4, 12, 5, 11, 16, 7, 9, 8, 8)  # rows of 16 often end exactly at a document's end
+    docs = grain.MapDataset.range(400).map(lambda n: {
+        "tokens": np.full(lengths[n % len(lengths)], n, np.int32), "domains": np.zeros(lengths[n % len(lengths)], np.int32)})
+    return iter(packing.pack(docs.to_iter_dataset(), 16).batch(2))
+
+
+@pytest.mark.parametrize("position", range(1, 9))
+def test_packed_stream_resumes_from_disk_on_the_batch_that_was_due(tmp_path, position):
+    """The bug grain's plain-JSON state had: a packed stream restored from disk at a row boundary that is also
+    a document boundary skipped a document (its `remainder_slices` came back as lists)."""
+    it = _packed_iterator()
+    for _ in range(position):
+        next(it)
+    checkpointer = Checkpointer(tmp_path, max_to_keep=1)
+    checkpointer.save(position, _state(position), it)
+    checkpointer.close()
+    due = [next(it) for _ in range(6)]
+    fresh = _packed_iterator()
+    Checkpointer(tmp_path).restore_latest(_state(0), fresh)
+    for expected in due:
+        got = next(fresh)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)

@@ -10,10 +10,11 @@ devices. Then both processes resume from the checkpoint they wrote together and 
 import json
 import os
 import pathlib
+import random
+import signal
 import socket
 import subprocess
 import sys
-import shutil
 import textwrap
 
 import jax
@@ -32,7 +33,7 @@ CONFIG = textwrap.dedent("""
         cfg.model.update(vocab_size=cfg.data.synthetic.vocab_size, d_model=32, d_ff=64, num_layers=2, num_heads=2)
         cfg.model.moe.update(num_experts=8, every=2, group_size=32, dispatcher="{dispatcher}")
         cfg.data.update(source="synthetic", seq_len=32, batch_size=8)
-        cfg.train.update(steps={steps}, log_every=1, eval_every=3, eval_steps=1, checkpoint_every=3,
+        cfg.train.update(steps={steps}, log_every=1, eval_every=6, eval_steps=1, checkpoint_every=3,
                          learning_rate=3e-3, warmup_steps=2, peak_flops_per_device=1e9)
         cfg.mesh.shape = (1, 8, 1)
         return cfg
@@ -97,12 +98,12 @@ def metrics(workdir, key, rows=slice(None)):
 
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, eight_devices):
     """Same train losses step by step and same eval losses as one process, to rtol 1e-5 (the only difference
-    is the order of float32 sums in cross-process collectives). Then the step-6 checkpoint is removed and the
-    same command resumes from the step-3 checkpoint both processes wrote together, and logs the same
-    losses for steps 4-6 again (exactly: same processes, same programs)."""
+    is the order of float32 sums in cross-process collectives). Then the same 2-process command, killed with
+    SIGKILL at a random step after its first checkpoint and rerun, resumes from the checkpoint both processes
+    wrote together and logs the uninterrupted 2-process run's losses exactly (same programs)."""
     import importlib.util
 
-    config_path = write_config(tmp_path / "config.py", steps=6)
+    config_path = write_config(tmp_path / "config.py", steps=12)
     spec = importlib.util.spec_from_file_location("multiprocess_test_config", config_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -119,14 +120,30 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, eigh
                                    rtol=1e-5, err_msg=key)
 
     checkpoints = multi / "checkpoints"
-    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [3, 6]
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [6, 9, 12]
     # One set of arrays; each process saved its own data-iterator position.
-    assert sorted(p.name for p in (checkpoints / "3" / "data_iter").iterdir() if p.name.startswith("process_")) \
+    assert sorted(p.name for p in (checkpoints / "6" / "data_iter").iterdir() if p.name.startswith("process_")) \
         == ["process_0-of-2.json", "process_1-of-2.json"]
-    shutil.rmtree(checkpoints / "6")
-    first_rows = len((multi / "metrics.jsonl").read_text().splitlines())
-    outputs = wait_for(start_two_processes(config_path, multi, cache))
-    assert "resumed from step 3" in outputs[0], outputs[0][-2000:]
-    resumed = metrics(multi, "train/loss", slice(first_rows, None))
-    assert sorted(resumed) == [4, 5, 6]
-    assert resumed == {s: v for s, v in metrics(multi, "train/loss", slice(first_rows)).items() if s > 3}
+
+    # Both processes SIGKILLed at a random step after the first checkpoint is on disk, then the same command
+    # again in two fresh processes: every logged loss equals the uninterrupted 2-process run's, bitwise.
+    killed = tmp_path / "killed"
+    kill_at = random.Random().randint(4, 11)
+    procs = start_two_processes(config_path, killed, cache)
+    try:
+        for line in procs[0].stdout:
+            seen = int(line.split()[1].split("/")[0]) if line.startswith("step ") else 0
+            if seen >= kill_at and any(p.name.isdigit() for p in (killed / "checkpoints").glob("*")):
+                break
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=TIMEOUT_S)
+    assert [proc.returncode for proc in procs] == [-signal.SIGKILL] * 2, "the run ended before it was killed"
+    outputs = wait_for(start_two_processes(config_path, killed, cache))
+    assert "resuming from the step-" in outputs[0], outputs[0][-2000:]
+    expected = metrics(multi, "train/loss")
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    logged = [(row["step"], row["train/loss"]) for row in rows if "train/loss" in row]
+    assert {step for step, _ in logged} == set(expected), logged
+    assert all(loss == expected[step] for step, loss in logged), (kill_at, logged, expected)

@@ -72,7 +72,8 @@ def test_nan_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
     ("mesh.shape", (3, 1, 1), r"mesh.shape=\(3, 1, 1\) has 3 devices but there are 8 devices"),
     ("model.moe.num_experts", 6, r"model.moe.num_experts=6 must be divisible by the expert mesh axis \(4"),
     ("model.moe.k", 5, r"model.moe.k=5 must be in \[1, model.moe.num_experts=4\]"),
-    ("model.moe.group_size", 48, r"model.moe.group_size=48 must divide the tokens per device, 32"),
+    ("model.moe.group_size", 24, r"model.moe.group_size=24 must be a positive integer that divides the tokens "
+                                 r"per device, 32"),
     ("model.moe.capacity_factor", 0.0, r"model.moe.capacity_factor=0.0 must be > 0"),
     ("model.moe.router", "switch", r"model.moe.router='switch' is not one of \('top_k'"),
     ("model.moe.dispatcher", "gather", r"model.moe.dispatcher='gather' is not one of \('einsum'"),

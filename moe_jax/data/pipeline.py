@@ -126,19 +126,22 @@ def _documents(config, split: str, layout: _Layout) -> list[grain.MapDataset]:
         stream = grain.MapDataset.range(_SYNTHETIC_DOCUMENTS).map(_Synthetic(corpus, 0 if split == "train" else 1))
         return [stream[s::layout.total] for s in shards]
     docs = sources.text_dataset(config, split)
-    if len(docs) < layout.process_count:
-        raise ValueError(f"data ({config.source}, {split}) has {len(docs)} documents, fewer than the "
-                         f"{layout.process_count} processes reading it")
-    tokenized = [docs[s::layout.total].map(_Tokenize(tokenizers.make_tokenizer(config))) for s in shards]
-    _check_fills_one_batch(tokenized, config, split, layout.rows)
-    if len(docs) < layout.total:
-        raise ValueError(f"data ({config.source}, {split}) has {len(docs)} documents, fewer than the "
-                         f"{layout.total} logical data shards (data.num_shards={config.num_shards}, 0 = one per "
-                         f"row of data.batch_size): lower data.num_shards")
-    return tokenized
+    if not len(docs):
+        raise ValueError(f"data ({config.source}, {split} split) has no documents (data.paths={config.paths!r}, "
+                         f"data.eval_fraction={config.eval_fraction})")
+    tokenize = _Tokenize(tokenizers.make_tokenizer(config))
+    few = len(docs) < layout.total
+    if split == "train":  # the held-out stream repeats until its batches are full: any size will do
+        _check_fills_one_batch([docs.map(tokenize)] if few else [docs[s::layout.total].map(tokenize) for s in shards],
+                               config, split, layout.rows, "the data" if few else "this process's shards")
+    if few:
+        # Fewer documents than shards (a small held-out set, a short file): shard s starts at document
+        # s mod n of the repeated list, so every shard has documents; the train stream is reshuffled anyway.
+        docs = docs.repeat(-(-layout.total // len(docs)))
+    return [docs[s::layout.total].map(tokenize) for s in shards]
 
 
-def _check_fills_one_batch(shards: list[grain.MapDataset], config, split: str, rows: int):
+def _check_fills_one_batch(shards: list[grain.MapDataset], config, split: str, rows: int, what: str):
     needed, have, seen = rows * config.seq_len, 0, 0
     for docs in shards:
         for i in range(len(docs)):
@@ -148,9 +151,9 @@ def _check_fills_one_batch(shards: list[grain.MapDataset], config, split: str, r
                 have += len(doc["tokens"])
                 if have >= needed:
                     return
-    raise ValueError(f"data ({config.source}, {split} split) is too small for one batch: this process's shard "
-                     f"has {seen} documents and {have} tokens (EOS included), one batch of {rows} rows x "
-                     f"data.seq_len {config.seq_len} needs {needed}")
+    raise ValueError(f"data ({config.source}, {split} split) is too small for one batch: {what} "
+                     f"{'have' if what.endswith('s') else 'has'} {seen} documents and {have} tokens (EOS included), "
+                     f"one batch of {rows} rows x data.seq_len {config.seq_len} needs {needed}")
 
 
 def _shard_seed(seed: int, shard: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import zlib
 from typing import Iterable, Optional
 
 import grain
@@ -55,8 +56,16 @@ def expand_paths(patterns) -> list[epath.Path]:
 
 
 def _read_bytes(path: epath.Path) -> bytes:
+    if path.is_dir():
+        raise IsADirectoryError(f"data.paths: {path} is a directory; give files or a glob such as {path}/*.jsonl")
     data = path.read_bytes()
-    return gzip.decompress(data) if str(path).endswith(".gz") else data
+    if not str(path).endswith(".gz"):
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile, a truncated stream, a bad deflate block
+        raise ValueError(f"data.paths: {path} is not a readable gzip file ({type(error).__name__}: {error})") \
+            from None
 
 
 def _jsonl_documents(path: epath.Path, field: str) -> Iterable[str]:
@@ -138,7 +147,9 @@ def text_dataset(config, split: str) -> grain.MapDataset:
     if config.source in ("jsonl", "text"):
         docs = _file_documents(config)
         if not docs:
-            raise ValueError(f"data.paths={config.paths!r}: no non-empty documents")
+            raise ValueError(f"data.paths={config.paths!r}: no non-empty documents in "
+                             f"{', '.join(str(p) for p in expand_paths(config.paths))} (data.source="
+                             f"{config.source!r}{', data.text_field=' + repr(config.text_field) if config.source == 'jsonl' else ''})")
         order = np.random.default_rng([config.seed, 7]).permutation(len(docs))
         num_eval = int(round(len(docs) * config.eval_fraction))
         if config.eval_fraction > 0:
