@@ -182,6 +182,20 @@ class Checkpointer:
             items["data_iter"] = DataIteratorSave(data_iterator)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
+    def restore_step(self, step: int, abstract_state: Any, data_iterator: Optional[grain.DatasetIterator] = None):
+        """Restore checkpoint `step` exactly (no fallback); returns (step, state). CheckpointError if unreadable."""
+        abstract_state = jax.tree.map(_as_abstract, abstract_state)
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data_iter"] = DataIteratorRestore(data_iterator)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # orbax raises many types for a damaged directory
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
+                                  f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") \
+                from None
+        return step, restored["state"]
+
     def restore_latest(self, abstract_state: Any, data_iterator: Optional[grain.DatasetIterator] = None):
         """Restore the newest readable checkpoint; returns (step, state), or None when there is none.
 
@@ -192,23 +206,17 @@ class Checkpointer:
         steps = self.all_steps()
         if not steps:
             return None
-        abstract_state = jax.tree.map(_as_abstract, abstract_state)
         failures = []
         for step in reversed(steps):
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if data_iterator is not None:
-                items["data_iter"] = DataIteratorRestore(data_iterator)
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-            except Exception as error:  # orbax raises many types for a damaged directory
-                message = f"checkpoint step {step} in {self.directory} is unreadable ({type(error).__name__}: " \
-                          f"{str(error).splitlines()[0] if str(error) else ''})"
-                log.warning("%s; trying the previous one", message)
-                failures.append(message)
+                restored = self.restore_step(step, abstract_state, data_iterator)
+            except CheckpointError as error:
+                log.warning("%s; trying the previous one", error)
+                failures.append(str(error))
                 continue
             if failures:
                 log.warning("resumed from step %d after skipping %d unreadable checkpoint(s)", step, len(failures))
-            return step, restored["state"]
+            return restored
         raise CheckpointError("no readable checkpoint in {}:\n  {}".format(self.directory, "\n  ".join(failures)))
 
     def wait(self) -> None:
@@ -225,3 +233,86 @@ def _as_abstract(leaf):
         return leaf
     sharding = getattr(leaf, "sharding", None)
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def load_run_config(workdir: str | epath.Path):
+    """The config a run was trained with (`<workdir>/config.json`), as a ConfigDict; errors name the path."""
+    import ml_collections
+
+    path = epath.Path(workdir) / "config.json"
+    if not epath.Path(workdir).exists():
+        raise FileNotFoundError(f"--workdir={workdir}: no such run directory")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file; is {workdir} a moe_jax run directory (moe_jax.main writes "
+                                f"config.json, metrics.jsonl and checkpoints/ there)?")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    from moe_jax import train
+
+    cfg = train.default_config()
+    cfg.update_from_flattened_dict({k: v for k, v in _flatten(values).items() if _has_key(cfg, k)})
+    return cfg
+
+
+def restore_run(workdir: str | epath.Path, step: Optional[int] = None, *, devices=None):
+    """(TrainSetup, state, step) of a run directory: its config, compiled steps and restored train state.
+
+    `step=None` takes the newest readable checkpoint. The run's mesh is kept when it fits the devices (default
+    all), otherwise the devices form one data-parallel axis (`mesh.shape=(-1, 1, 1)`).
+    """
+    import jax
+
+    from moe_jax import sharding, train
+
+    cfg = load_run_config(workdir)
+    devices = list(jax.devices() if devices is None else devices)
+    try:
+        sharding.mesh_shape(cfg.mesh.shape, len(devices))
+    except ValueError:
+        cfg.mesh.shape = (-1, 1, 1)
+    run = train.setup(cfg, devices)
+    directory = epath.Path(workdir) / "checkpoints"
+    checkpointer = Checkpointer(directory) if directory.exists() else None
+    steps = checkpointer.all_steps() if checkpointer else []
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint; the run in {workdir} has not saved one yet")
+    if step is not None and step not in steps:
+        raise ValueError(f"--step={step}: {directory} has checkpoints at steps {steps}")
+    restored = checkpointer.restore_latest(run.abstract_state) if step is None else \
+        checkpointer.restore_step(step, run.abstract_state)
+    checkpointer.close()
+    return run, restored[1], restored[0]
+
+
+def restore_model(workdir: str | epath.Path, step: Optional[int] = None, *, devices=None):
+    """(model, config) of a run directory at `step` (default the latest): the nnx model with its trained
+    parameters, on the given devices (default all; CPU works for any run)."""
+    from flax import nnx
+
+    run, state, _ = restore_run(workdir, step, devices=devices)
+    model, _ = nnx.merge(run.graphdef, state)
+    return model, run.config
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def _has_key(cfg, dotted: str) -> bool:
+    node = cfg
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False
+        node = node[part]
+    return True

@@ -1,17 +1,20 @@
 """Run-level config checks, before anything is built or compiled: each error names the key, its value and
-what is allowed. Model-only checks live in `model.validate_config`; this adds what needs the mesh, the
-batch or the device count."""
+what is allowed. Model-only checks live in the model family's `validate_config` (moe_jax.models); this adds
+what needs the mesh, the batch or the device count."""
 
 from __future__ import annotations
 
 from etils import epath
 
-from moe_jax import data as data_lib, model as model_lib, sharding
+from moe_jax import data as data_lib, models, sharding
+from moe_jax.models import layers
 
 
 def validate(cfg, *, num_devices: int) -> None:
     """Raise ValueError for the first setting that cannot work with this many devices."""
-    model_lib.validate_config(cfg.model)
+    family = models.get(cfg)  # ValueError naming model.name for an unknown family
+    family.validate_config(cfg.model)
+    data_lib.check_batch_format(cfg.data, family.batch_format)
     data_axis, expert_axis, _ = sharding.mesh_shape(cfg.mesh.shape, num_devices)
     batch_shards = data_axis * expert_axis
     for key in ("batch_size", "seq_len"):
@@ -25,12 +28,12 @@ def validate(cfg, *, num_devices: int) -> None:
             raise ValueError(f"train.{key}={cfg.train[key]!r} must be a positive integer")
     if not cfg.train.learning_rate > 0:
         raise ValueError(f"train.learning_rate={cfg.train.learning_rate} must be > 0")
-    model_lib._choice("train.optimizer", cfg.train.optimizer, ("adamw", "adafactor"))
+    layers.choice("train.optimizer", cfg.train.optimizer, ("adamw", "adafactor"))
     _check_data(cfg.data)
     _check_vocabulary(cfg)
 
     moe = cfg.model.moe
-    if not model_lib.is_moe(cfg.model):
+    if not layers.is_moe(cfg.model):
         return
     for key in ("capacity_factor", "eval_capacity_factor"):
         if not moe[key] > 0:
@@ -65,7 +68,7 @@ def resolve(cfg, *, num_devices: int):
     """`validate`, then a copy of the config with derived values filled in (`model.moe.group_size` as used)."""
     validate(cfg, num_devices=num_devices)
     resolved = cfg.copy_and_resolve_references()
-    if model_lib.is_moe(cfg.model):
+    if layers.is_moe(cfg.model):
         resolved.model.moe.group_size = routing_group_size(cfg, num_devices=num_devices)
     return resolved
 
@@ -80,16 +83,18 @@ def _check_data(data_cfg) -> None:
     """The `data` keys that can be checked without reading any data (files are opened by the pipeline)."""
     from moe_jax.data import sources
 
-    model_lib._choice("data.source", data_cfg.source, sources.SOURCES)
+    layers.choice("data.source", data_cfg.source, sources.SOURCES)
     if data_cfg.source in ("jsonl", "text"):
         if not str(data_cfg.paths).strip(","):
             raise ValueError(f"data.paths is empty: data.source={data_cfg.source!r} needs one or more files or "
                              f"globs (comma-separated, .gz allowed)")
-        if not 0 < data_cfg.eval_fraction < 1:
+        if data_cfg.eval_paths:
+            sources.expand_paths(data_cfg.eval_paths, "data.eval_paths")  # names a missing file or glob now
+        elif not 0 < data_cfg.eval_fraction < 1:
             raise ValueError(f"data.eval_fraction={data_cfg.eval_fraction} must be in (0, 1): the share of "
                              f"documents held out for evaluation")
     if data_cfg.source == "text":
-        model_lib._choice("data.text_document", data_cfg.text_document, ("line", "paragraph"))
+        layers.choice("data.text_document", data_cfg.text_document, ("line", "paragraph"))
     tokenizer = str(data_cfg.tokenizer)
     if data_cfg.source != "synthetic" and tokenizer != "byte":
         if not tokenizer.endswith(".model"):

@@ -27,6 +27,9 @@ import numpy as np
 
 from moe_jax.data import packing, sources, synthetic, tokenizers
 
+# The batch formats the pipeline builds; a model family names the one it trains on (`models.get(cfg).batch_format`).
+# "lm": the rows described above (targets are the inputs shifted by one within each document).
+BATCH_FORMATS = ("lm",)
 
 def default_config() -> ml_collections.ConfigDict:
     """`data` section of a run config. `source` is one of synthetic | tfds | jsonl | text."""
@@ -40,6 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.text_field = "text"  # jsonl record key / TFDS feature holding the document
     c.text_document = "line"  # text files: one document per 'line' or per blank-line-separated 'paragraph'
     c.eval_fraction = 0.01  # jsonl/text: seeded share of documents held out for evaluation
+    c.eval_paths = ""  # jsonl/text: evaluate on these files instead (then all of `paths` is trained on)
     c.tokenizer = "byte"  # 'byte' or a SentencePiece '<path>.model' (ignored by the synthetic source)
     c.seq_len = 128
     c.batch_size = 32  # global, over all processes
@@ -208,12 +212,22 @@ class _ConcatenatedShardsIterator(grain.DatasetIterator):
         super().close()
 
 
-def make_train_iterator(config, *, process_index: Optional[int] = None,
-                        process_count: Optional[int] = None) -> grain.DatasetIterator:
+def check_batch_format(config, batch_format: str) -> None:
+    """ValueError unless this data config builds `batch_format` batches (every data config builds "lm")."""
+    del config  # one format today; span corruption will pick its own from the data config
+    if batch_format not in BATCH_FORMATS:
+        raise ValueError(f"the model trains on {batch_format!r} batches, which the data pipeline does not build "
+                         f"(it builds {BATCH_FORMATS}); check model.name")
+
+
+def make_train_iterator(config, *, process_index: Optional[int] = None, process_count: Optional[int] = None,
+                        batch_format: str = "lm") -> grain.DatasetIterator:
     """Endless, checkpointable iterator of this process's rows of every train batch ([batch_size / count, L]).
 
-    Process `process_index` gets rows [i B/P, (i+1) B/P) of the global batch, whatever P is.
+    Process `process_index` gets rows [i B/P, (i+1) B/P) of the global batch, whatever P is. `batch_format`:
+    the format the model needs (`BATCH_FORMATS`); ValueError if this config cannot build it.
     """
+    check_batch_format(config, batch_format)
     layout = _layout(config, process_index, process_count)
     shards = _documents(config, "train", layout)
     if config.source != "synthetic":
@@ -233,9 +247,10 @@ def make_train_iterator(config, *, process_index: Optional[int] = None,
 
 
 def make_eval_batches(config, num_batches: int, *, process_index: Optional[int] = None,
-                      process_count: Optional[int] = None) -> list[dict]:
+                      process_count: Optional[int] = None, batch_format: str = "lm") -> list[dict]:
     """This process's rows of `num_batches` held-out batches in a fixed order (the same every call, whatever
     `data.seed` or the process count). A shard that runs out of held-out documents starts over."""
+    check_batch_format(config, batch_format)
     layout = _layout(config, process_index, process_count)
     shards = [docs.repeat(None) if config.source != "synthetic" else docs
               for docs in _documents(config, "eval", layout)]

@@ -33,24 +33,24 @@ def decode_utf8(data: bytes) -> str:
         return data.decode("utf-8", errors="replace")
 
 
-def expand_paths(patterns) -> list[epath.Path]:
+def expand_paths(patterns, key: str = "data.paths") -> list[epath.Path]:
     """Every file the patterns name, in sorted order; an error names a pattern that matches nothing."""
     if isinstance(patterns, str):
         patterns = [p for p in patterns.split(",") if p]
     if not patterns:
-        raise ValueError("data.paths is empty: give one or more files or globs (comma-separated)")
+        raise ValueError(f"{key} is empty: give one or more files or globs (comma-separated)")
     files = []
     for pattern in patterns:
         if any(ch in str(pattern) for ch in "*?["):
             path = epath.Path(pattern)
             matches = sorted(path.parent.glob(path.name)) if path.parent.exists() else []
             if not matches:
-                raise FileNotFoundError(f"data.paths: the glob {pattern!r} matches no file")
+                raise FileNotFoundError(f"{key}: the glob {pattern!r} matches no file")
             files.extend(matches)
         else:
             path = epath.Path(pattern)
             if not path.exists():
-                raise FileNotFoundError(f"data.paths: no such file {pattern!r}")
+                raise FileNotFoundError(f"{key}: no such file {pattern!r}")
             files.append(path)
     return files
 
@@ -91,9 +91,9 @@ def _text_documents(path: epath.Path, per: str) -> Iterable[str]:
     raise ValueError(f"data.text_document={per!r}: use 'line' or 'paragraph'")
 
 
-def _file_documents(config) -> list[str]:
+def _file_documents(config, paths=None) -> list[str]:
     docs = []
-    for path in expand_paths(config.paths):
+    for path in (expand_paths(config.paths) if paths is None else expand_paths(paths, "data.eval_paths")):
         if config.source == "jsonl":
             docs.extend(_jsonl_documents(path, config.text_field))
         else:
@@ -101,7 +101,7 @@ def _file_documents(config) -> list[str]:
     kept = [d for d in docs if d.strip()]
     STATS["empty_documents"] += len(docs) - len(kept)
     logging.info("data: %d documents from %s (%d empty skipped, %d with invalid UTF-8 replaced)", len(kept),
-                 config.paths, len(docs) - len(kept), STATS["invalid_utf8_documents"])
+                 config.paths if paths is None else paths, len(docs) - len(kept), STATS["invalid_utf8_documents"])
     return kept
 
 
@@ -145,6 +145,12 @@ def text_dataset(config, split: str) -> grain.MapDataset:
         text(ds[0]) if len(ds) else None  # fail now, naming the field, not deep inside an iterator
         return ds.map(text)
     if config.source in ("jsonl", "text"):
+        eval_paths = config.get("eval_paths", "")
+        if eval_paths:  # held-out files of their own: train on all of data.paths, evaluate on all of these
+            docs = _file_documents(config, eval_paths if split == "eval" else None)
+            if not docs:
+                raise ValueError(f"data.{'eval_paths' if split == 'eval' else 'paths'}: no non-empty documents")
+            return grain.MapDataset.source(docs)
         docs = _file_documents(config)
         if not docs:
             raise ValueError(f"data.paths={config.paths!r}: no non-empty documents in "
@@ -157,6 +163,16 @@ def text_dataset(config, split: str) -> grain.MapDataset:
         chosen = order[:num_eval] if split == "eval" else order[num_eval:]
         return grain.MapDataset.source([docs[i] for i in np.sort(chosen)])
     raise ValueError(f"data.source={config.source!r}: use one of {', '.join(SOURCES)}")
+
+
+def all_documents(config) -> grain.MapDataset:
+    """Every document of the configured data, in order, none held out (what `moe_jax.evaluate` reads):
+    all of `data.paths` for jsonl/text, the `tfds_eval_split` split for TFDS."""
+    if config.source == "tfds":
+        return text_dataset(config, "eval")
+    if config.source in ("jsonl", "text"):
+        return grain.MapDataset.source(_file_documents(config))
+    raise ValueError(f"data.source={config.source!r}: evaluate text from one of tfds, jsonl, text")
 
 
 def load_texts(config, split: str = "train", max_documents: Optional[int] = None) -> Iterable[str]:
