@@ -5,8 +5,9 @@ d_ff, data, optimizer and steps; every FFN dense).
 
     python -m moe_jax.main --config=experiments/tiny_dense.py --workdir=runs/tiny_dense
 
-Expected (2-core CPU, idle, 2026-11-23): eval CE 1.665 nats/token after 300 steps (floor 1.132, gap 0.533) vs
-1.611 for tiny_switch; 2 m 30 s wall for the whole command. (A tuning run before the data-shard change gave
+Expected (`python benchmarks/readme_numbers.py` at commit 790ec1d, 2-core CPU, 2026-12-01): eval CE 1.665
+nats/token after 300 steps (floor 1.132, gap 0.533) vs 1.611 for tiny_switch; 2 m 30 s wall for the whole
+command on an idle machine. (A tuning run before the data-shard change gave
 1.731; see the README.)
 """
 

@@ -5,12 +5,13 @@ the loss at equal steps (Fedus et al. 2022). Same width, depth, d_ff, data and s
 MoE layers use Switch's recipe (top-1, capacity factor 1.25 train / 2.0 eval, load-balancing weight 1e-2,
 0.1x init, float32 router). All 4096 tokens of a step form one routing group: with 512-token groups the
 router, which learns to send a domain's tokens to one expert, overflows experts and drops 17% of the tokens
-(eval 1.688 instead of 1.611). On N devices use --config.model.moe.group_size=$((4096 / N)).
+(eval 1.688 instead of 1.611). On N devices the group is capped at the tokens per device (4096 / N).
 
     python -m moe_jax.main --config=experiments/tiny_switch.py --workdir=runs/tiny_switch
 
-Expected (2-core CPU, idle, 2026-11-23): eval CE 1.611 nats/token after 300 steps (floor 1.132, gap 0.479) vs
-1.665 for tiny_dense; 2 m 30 s wall for the whole command.
+Expected (`python benchmarks/readme_numbers.py` at commit 790ec1d, 2-core CPU, 2026-12-01): eval CE 1.611
+nats/token after 300 steps (floor 1.132, gap 0.479) vs 1.665 for tiny_dense; 2 m 30 s wall for the whole
+command on an idle machine.
 """
 
 from experiments import tiny_dense
