@@ -129,7 +129,8 @@ class MoeLayer(nnx.Module):
     # ----------------------------------------------------------------------------------------- call
 
     def __call__(self, x_BLd: Array, *, padding_mask: Optional[Array] = None, token_ids: Optional[Array] = None,
-                 deterministic: bool = False) -> tuple[Array, dict]:
+                 deterministic: bool = False, decode: bool = False,
+                 decode_capacity_factor: Optional[float] = None) -> tuple[Array, dict]:
         """[B, L, d] -> ([B, L, d] in `dtype`, aux).
 
         Args:
@@ -137,6 +138,9 @@ class MoeLayer(nnx.Module):
           padding_mask: [B, L] bool, True for real tokens (None: all real).
           token_ids: [B, L] int, needed by the hash router.
           deterministic: evaluation: eval capacity factor, no jitter, router noise or dropout.
+          decode: generation: all B*L tokens of the call form one routing group (the batch's tokens of the
+            current step), with `decode_capacity_factor` (None: room for every token in every expert, so nothing
+            is dropped and a token's routing never depends on the other sequences). Implies deterministic.
 
         Returns:
           y and aux, a dict of float32 arrays (unscaled): `load_balancing_loss`, `router_z_loss`,
@@ -144,12 +148,16 @@ class MoeLayer(nnx.Module):
           `router_max_logit` (largest |logit|), and for noisy_top_k `importance_loss`, `load_loss`.
         """
         B, L, d = x_BLd.shape
-        S = _check_group_size(self.group_size, B, L)
+        deterministic = deterministic or decode
+        S = B * L if decode else _check_group_size(self.group_size, B, L)
         G = B * L // S
         x_GSd = x_BLd.reshape(G, S, d).astype(self.dtype)
         mask_GS = None if padding_mask is None else padding_mask.reshape(G, S).astype(bool)
         cf = self.eval_capacity_factor if deterministic else self.capacity_factor
         capacity = routing.expert_capacity(S, self.num_experts, cf, k=self.k, min_capacity=self.min_capacity)
+        if decode:
+            capacity = S if decode_capacity_factor is None else routing.expert_capacity(
+                S, self.num_experts, decode_capacity_factor, k=self.k, min_capacity=self.min_capacity)
         if dispatch.is_dropless(self.dispatcher):
             capacity = None
 

@@ -279,3 +279,14 @@ def test_readme_layer_snippet_runs():
                             env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("(2, 16, 64)")
+
+
+def test_decode_mode_routes_the_step_as_one_group_and_drops_nothing():
+    """Generation: a token's output does not depend on the other sequences of the batch (nothing dropped)."""
+    layer = MoeLayer(d_model=16, d_ff=32, num_experts=4, group_size=64, capacity_factor=0.5, rngs=nnx.Rngs(0))
+    x_B1d = jax.random.normal(jax.random.key(1), (6, 1, 16))
+    y_B1d, aux = layer(x_B1d, decode=True)
+    assert float(aux["dropped_fraction"]) == 0.0
+    for b in range(6):
+        alone, _ = layer(x_B1d[b:b + 1], decode=True)
+        np.testing.assert_allclose(alone, y_B1d[b:b + 1], rtol=1e-5, atol=1e-6)
