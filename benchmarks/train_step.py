@@ -31,10 +31,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # experiments/ (a config imports its sibling), layer.py
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 from layer import machine, time_pair  # noqa: E402  (benchmarks/layer.py)
 
-from moe_jax import data, model as model_lib, sharding, train  # noqa: E402
+from moe_jax import data, sharding, train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 TARGET_RATIO, TARGET_COMPILE = 0.8, 1.3
@@ -59,9 +58,9 @@ class Stepper:
         it = data.make_train_iterator(cfg.data, process_index=0, process_count=1)
         self.batches = [sharding.shard_batch(next(it), self.run.mesh) for _ in range(num_batches)]
         self.calls = 0
-        model, _ = nnx.merge(self.run.graphdef, self.run.abstract_state)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        self.model_flops = model_lib.flops_per_token(model, cfg.data.seq_len) * self.tokens_per_step
+        self.model_flops = (self.run.family.flops_per_token(self.run.abstract_model(), cfg.data.seq_len)
+                            * self.tokens_per_step)
 
     def __call__(self):
         with jax.set_mesh(self.run.mesh):

@@ -9,7 +9,7 @@ topology's devices come from `jax.experimental.topologies`, and the very `train.
 shardings) and compiled for those devices. Nothing is allocated.
 
 The report (printed, and written to `<workdir>/dryrun.json`):
-  * parameters, total and active per token (`model.count_params`);
+  * parameters, total and active per token (the model family's `count_params`);
   * per-chip bytes: parameters and optimizer state (from their shardings), and the compiled step's
     arguments, outputs and temporaries and XLA's peak (`memory_analysis()`), against the chip's usable HBM;
   * per-chip FLOPs per step: matmul FLOPs of the traced step (forward, backward, rematerialisation, router and
@@ -50,7 +50,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from moe_jax import config_validation, model as model_lib, sharding, train  # noqa: E402
+from moe_jax import config_validation, sharding, train  # noqa: E402
 
 GiB = 1024**3
 
@@ -491,10 +491,10 @@ def dry_run(cfg, topology: str, *, include_eval: bool = True, hlo_texts: Optiona
     run, traced = trace_steps(cfg, devices, STEPS if include_eval else STEPS[:1])
     mesh_shape = tuple(run.mesh.shape[a] for a in ("data", "expert", "model"))
     state = state_bytes(run.abstract_state)
-    model, _ = nnx.merge(run.graphdef, run.abstract_state)
-    params = model_lib.count_params(model)
+    model = run.abstract_model()
+    params = run.family.count_params(model)
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    model_flops = model_lib.flops_per_token(model, cfg.data.seq_len) * tokens
+    model_flops = run.family.flops_per_token(model, cfg.data.seq_len) * tokens
 
     common = dict(mesh=run.mesh, chip=chip, num_chips=num_chips, cfg=cfg, topology=topology,
                   mesh_shape=mesh_shape, state=state, config_name=config_name)

@@ -3,6 +3,8 @@
 Read top to bottom: `default_config` (every knob a run has), `make_optimizer`, `TrainSetup` (model,
 optimizer, mesh, shardings and the two jitted steps — the very functions `dryrun.py` compiles for a pod), and
 `train` (set up, resume, loop: step, log, evaluate, checkpoint). A new experiment is a config file, not a flag.
+The model is reached only through its family's interface (`moe_jax.models.get(config)`: create, loss_fn,
+abstract_batch, count_params, flops_per_token), so every family trains with this loop.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from etils import epath
 from flax import nnx
 
 from moe_jax import checkpoint as checkpoint_lib
-from moe_jax import config_validation, data, metric_writer, model as model_lib, moe as moe_lib, sharding
+from moe_jax import config_validation, data, metric_writer, models, moe as moe_lib, sharding
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 def default_config() -> ml_collections.ConfigDict:
     """A whole run: `model`, `data`, `train`, `mesh`, `distributed`. Experiment files start from this."""
     c = ml_collections.ConfigDict()
-    c.model = model_lib.default_config()
+    c.model = models.get(models.DEFAULT).default_config()
     c.data = data.default_config()
 
     c.train = ml_collections.ConfigDict()
@@ -96,13 +98,14 @@ def _loss_weights(cfg):
 def make_train_step(cfg) -> Callable:
     """(graphdef, state, batch) -> (state, metrics): one optimizer step, pure."""
     loss_weights = _loss_weights(cfg)
+    loss_fn = models.get(cfg).loss_fn
 
     def train_step(graphdef, state, batch):
         model, optimizer = nnx.merge(graphdef, state)
         model.train()
 
         def loss(model):
-            return model_lib.loss_fn(model, batch, deterministic=False, **loss_weights)
+            return loss_fn(model, batch, deterministic=False, **loss_weights)
 
         (_, metrics), grads = nnx.value_and_grad(loss, has_aux=True)(model)
         optimizer.update(model, grads)
@@ -116,11 +119,12 @@ def make_train_step(cfg) -> Callable:
 def make_eval_step(cfg) -> Callable:
     """(graphdef, state, batch) -> metrics, with the eval capacity factor and no noise."""
     loss_weights = _loss_weights(cfg)
+    loss_fn = models.get(cfg).loss_fn
 
     def eval_step(graphdef, state, batch):
         model, _ = nnx.merge(graphdef, state)
         model.eval()
-        _, metrics = model_lib.loss_fn(model, batch, deterministic=True, **loss_weights)
+        _, metrics = loss_fn(model, batch, deterministic=True, **loss_weights)
         return metrics
 
     return eval_step
@@ -138,6 +142,7 @@ class TrainSetup:
     batch_sharding: jax.sharding.NamedSharding
     train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
     eval_step: Callable  # jitted (state, batch) -> metrics
+    family: models.ModelFamily  # the model's interface (config.model.name)
 
     def init_state(self):
         """Real parameters and optimizer state, created directly in their shardings."""
@@ -146,13 +151,18 @@ class TrainSetup:
             return create()
 
     def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
-        spec = lambda dtype: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=self.batch_sharding)
-        return dict(inputs=spec(jnp.int32), targets=spec(jnp.int32), loss_weights=spec(jnp.float32),
-                    segment_ids=spec(jnp.int32), positions=spec(jnp.int32))
+        """The batch the steps take, as ShapeDtypeStructs in the batch sharding (the family's format)."""
+        return self.family.abstract_batch(batch_size, seq_len, self.batch_sharding, data_config=self.config.data)
+
+    def abstract_model(self):
+        """The model with ShapeDtypeStruct leaves (for parameter and FLOP counts; nothing allocated)."""
+        model, _ = nnx.merge(self.graphdef, self.abstract_state)
+        return model
 
 
 def _create(cfg):
-    model = model_lib.Transformer(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1))
+    rngs = nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1)
+    model = models.get(cfg).create(cfg.model, rngs)
     optimizer = nnx.Optimizer(model, make_optimizer(cfg.train), wrt=nnx.Param)
     return model, optimizer
 
@@ -175,7 +185,8 @@ def setup(cfg, devices=None) -> TrainSetup:
                          out_shardings=(state_shardings, metrics_sharding), donate_argnums=0)
     eval_step = jax.jit(functools.partial(make_eval_step(cfg), graphdef),
                         in_shardings=(state_shardings, batch_sharding), out_shardings=metrics_sharding)
-    return TrainSetup(cfg, mesh, graphdef, abstract_state, state_shardings, batch_sharding, train_step, eval_step)
+    return TrainSetup(cfg, mesh, graphdef, abstract_state, state_shardings, batch_sharding, train_step, eval_step,
+                      models.get(cfg))
 
 
 def state_shardings_for(abstract_state, mesh, rules):
@@ -224,7 +235,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
     run = setup(cfg, devices)  # validates the config
     cfg = run.config
     block = dict(process_index=process_batch_block(run.batch_sharding, cfg.data.batch_size),
-                 process_count=jax.process_count())
+                 process_count=jax.process_count(), batch_format=run.family.batch_format)
     train_iter = data.make_train_iterator(cfg.data, **block)
     eval_batches = [sharding.shard_batch(b, run.mesh)
                     for b in data.make_eval_batches(cfg.data, cfg.train.eval_steps, **block)]
@@ -250,7 +261,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
     writer.header(startup_header(cfg, run, workdir, start_step))
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    flops_per_step = model_lib.flops_per_token(_abstract_model(run), cfg.data.seq_len) * tokens_per_step
+    flops_per_step = run.family.flops_per_token(run.abstract_model(), cfg.data.seq_len) * tokens_per_step
     peak_flops = peak_flops_per_device(cfg) * run.mesh.size
     stop = _StopRequest()
     pending_losses: list[tuple[int, jax.Array]] = []  # checked for NaN/Inf before logging or saving
@@ -334,15 +345,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
 
 def startup_header(cfg, run: TrainSetup, workdir, start_step: int) -> str:
     """What a run is about to do, in a few lines: devices, mesh, parameters, tokens, where things go."""
-    counts = model_lib.count_params(_abstract_model(run))
+    counts = run.family.count_params(run.abstract_model())
     mesh = ", ".join(f"{name}={size}" for name, size in run.mesh.shape.items())
     devices = run.mesh.devices.flat[0]
     lines = [
         f"devices: {run.mesh.size} x {devices.device_kind} ({devices.platform}), {jax.process_count()} process(es);"
         f" mesh {mesh}",
         f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token"
-        + (f"; {cfg.model.moe.num_experts} experts every {cfg.model.moe.every} layers, routing groups of "
-           f"{cfg.model.moe.group_size} tokens" if model_lib.is_moe(cfg.model) else " (dense)"),
+        + run.family.describe(cfg.model),
         f"data: {cfg.data.source}, {cfg.data.batch_size} x {cfg.data.seq_len} = "
         f"{cfg.data.batch_size * cfg.data.seq_len} tokens per step, {cfg.train.steps} steps",
         f"metrics: {epath.Path(workdir) / 'metrics.jsonl'} (TensorBoard: {epath.Path(workdir) / 'tensorboard'}); "
@@ -377,11 +387,6 @@ def process_batch_block(batch_sharding: jax.sharding.NamedSharding, batch_size: 
         raise ValueError(f"this process's devices hold global batch rows {sorted(rows)[:4]}...{sorted(rows)[-2:]}"
                          f", not one block of {per_process} consecutive rows: order mesh devices by process")
     return first // per_process
-
-
-def _abstract_model(run: TrainSetup):
-    model, _ = nnx.merge(run.graphdef, run.abstract_state)
-    return model
 
 
 class _StopRequest:
