@@ -10,7 +10,7 @@
 2. compile time (lower + XLA compile of the train step) of tiny_switch with 16 layers / with 4 layers,
    alternating, `--compiles` times each, median. Target <= 1.3 (blocks are nnx.scan'ned).
 3. MFU: model FLOPs per step (`model.flops_per_token`, PaLM accounting) / step time / the measured peak of a
-   large float32 matmul on this CPU (`train.measured_matmul_flops`). (XLA's `cost_analysis()` of the compiled
+   large float32 matmul on this CPU (`chips.measured_matmul_flops`). (XLA's `cost_analysis()` of the compiled
    step is no substitute: it counts the body of the scanned layers' while loop once, not once per block.)
 """
 
@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # experiments/ (a config i
 import jax  # noqa: E402
 from layer import machine, time_pair  # noqa: E402  (benchmarks/layer.py)
 
-from moe_jax import data, sharding, train  # noqa: E402
+from moe_jax import chips, data, sharding, train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 TARGET_RATIO, TARGET_COMPILE = 0.8, 1.3
@@ -107,14 +107,14 @@ def main(argv=None):
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
 
-    peaks = [train.measured_matmul_flops.__wrapped__()]  # again mid-run and at the end: the best of three
+    peaks = [chips.measured_matmul_flops.__wrapped__()]  # again mid-run and at the end: the best of three
     dense, switch = Stepper(load_config("tiny_dense"), args.steps), Stepper(load_config("tiny_switch"), args.steps)
     dense_t, switch_t = time_pair([(dense, ()), (switch, ())], args.rounds)
     dense_s, switch_s = statistics.median(dense_t) / args.steps, statistics.median(switch_t) / args.steps
     round_ratios = sorted(d / s for d, s in zip(dense_t, switch_t))
-    peaks.append(train.measured_matmul_flops.__wrapped__())
+    peaks.append(chips.measured_matmul_flops.__wrapped__())
     compile_4, compile_16 = compile_times(args.compiles)
-    peaks.append(train.measured_matmul_flops.__wrapped__())
+    peaks.append(chips.measured_matmul_flops.__wrapped__())
     peak = max(peaks)  # the least disturbed measurement on a shared machine
     rows = []
     for name, stepper, step_s in (("tiny_dense", dense, dense_s), ("tiny_switch", switch, switch_s)):

@@ -20,13 +20,12 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from etils import epath
 from flax import nnx
 
 from moe_jax import checkpoint as checkpoint_lib
-from moe_jax import config_validation, data, metric_writer, models, moe as moe_lib, sharding
+from moe_jax import chips, config_validation, data, metric_writer, models, moe as moe_lib, sharding
 
 log = logging.getLogger(__name__)
 
@@ -419,33 +418,12 @@ class _StopRequest:
         return context()
 
 
-# Peak dense matmul throughput per chip, bf16, from the vendors' published specifications.
-PEAK_FLOPS_BY_DEVICE_KIND = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12,
-}
-
-
-@functools.lru_cache(maxsize=None)
-def measured_matmul_flops(size: int = 2048, dtype=jnp.float32) -> float:
-    """FLOP/s of a large square matmul on the default device: the practical peak used for CPU MFU."""
-    a = jnp.ones((size, size), dtype)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / float(np.median(times))
-
-
 def peak_flops_per_device(cfg) -> float:
-    """`train.peak_flops_per_device` if set, else the device kind's published bf16 peak, else a CPU
+    """`train.peak_flops_per_device` if set, else the device kind's published bf16 peak (chips.py), else a CPU
     measurement (a float32 matmul on all cores, divided over the jax CPU devices)."""
     if cfg.train.peak_flops_per_device > 0:
         return float(cfg.train.peak_flops_per_device)
-    kind = jax.devices()[0].device_kind
-    if kind in PEAK_FLOPS_BY_DEVICE_KIND:
-        return PEAK_FLOPS_BY_DEVICE_KIND[kind]
-    return measured_matmul_flops() / jax.local_device_count()
+    chip = chips.for_device_kind(jax.devices()[0].device_kind)
+    if chip is not None:
+        return chip.peak_bf16_flops
+    return chips.measured_matmul_flops() / jax.local_device_count()
