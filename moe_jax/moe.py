@@ -130,7 +130,8 @@ class MoeLayer(nnx.Module):
 
     def __call__(self, x_BLd: Array, *, padding_mask: Optional[Array] = None, token_ids: Optional[Array] = None,
                  deterministic: bool = False, decode: bool = False,
-                 decode_capacity_factor: Optional[float] = None) -> tuple[Array, dict]:
+                 decode_capacity_factor: Optional[float] = None, return_routing: bool = False,
+                 replay: Optional[tuple[Array, Array]] = None) -> tuple[Array, dict]:
         """[B, L, d] -> ([B, L, d] in `dtype`, aux).
 
         Args:
@@ -141,6 +142,11 @@ class MoeLayer(nnx.Module):
           decode: generation: all B*L tokens of the call form one routing group (the batch's tokens of the
             current step), with `decode_capacity_factor` (None: room for every token in every expert, so nothing
             is dropped and a token's routing never depends on the other sequences). Implies deterministic.
+          return_routing: also put each token's routing in aux: `expert_index` [B, L, K] int32 and
+            `routing_weight` [B, L, K] float32 (0 for a dropped choice or padding).
+          replay: router replay: (expert_index [B, L, K], weight [B, L, K]) recorded earlier (a trace) are used
+            instead of the router's choices; slots are assigned to them as to the router's own (same capacity).
+            The router still runs, for its losses and metrics.
 
         Returns:
           y and aux, a dict of float32 arrays (unscaled): `load_balancing_loss`, `router_z_loss`,
@@ -162,6 +168,12 @@ class MoeLayer(nnx.Module):
             capacity = None
 
         route, probs_GSE, losses = self._route(x_GSd, mask_GS, token_ids, capacity, deterministic)
+        if replay is not None:
+            index_BLK, weight_BLK = replay
+            K = index_BLK.shape[-1]
+            route = routing.assign_slots(index_BLK.reshape(G, S, K).astype(jnp.int32),
+                                         weight_BLK.reshape(G, S, K).astype(jnp.float32),
+                                         num_experts=self.num_experts, capacity=capacity, padding_mask=mask_GS)
 
         experts = dispatch.ExpertFFN(
             wi=self.wi[...], wo=self.wo[...], wi_gate=None if self.wi_gate is None else self.wi_gate[...],
@@ -174,6 +186,10 @@ class MoeLayer(nnx.Module):
 
         aux = dict(losses)
         aux.update(routing.routing_metrics(route, probs_GSE, mask_GS))
+        if return_routing:
+            K = route.expert_index.shape[-1]
+            aux["expert_index"] = route.expert_index.reshape(B, L, K).astype(jnp.int32)
+            aux["routing_weight"] = jnp.where(route.kept, route.weight, 0.0).reshape(B, L, K).astype(jnp.float32)
         return y_BLd.astype(self.dtype), aux
 
     def _route(self, x_GSd, mask_GS, token_ids, capacity, deterministic):

@@ -1,12 +1,13 @@
 """Sample text from a trained run.
 
     python -m moe_jax.sample --workdir=runs/tiny_switch --prompt="The router" [--max_new_tokens=64 \
-        --temperature=0.8 --top_p=0.95 --top_k=50 --seed=0 --num_samples=4 --step=N]
+        --temperature=0.8 --top_p=0.95 --top_k=50 --seed=0 --num_samples=4 --step=N --trace=trace.jsonl]
 
 Restores the run's model and tokenizer (`checkpoint.restore_model`), encodes the prompt, generates with the KV
 cache (`moe_jax.generate`), stops at the tokenizer's EOS, and prints each sample decoded by the run's tokenizer.
 `--temperature=0` (the default) is greedy. A synthetic-corpus run has no text tokenizer: its prompt is
-space-separated token ids, and so is its output.
+space-separated token ids, and so is its output. `--trace` writes every token's routing in every MoE layer
+(`moe_jax.traces`), which `traces.read` + `model(tokens, replay=...)` replays.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def _define_flags() -> None:
     _FLAGS["seed"] = flags.DEFINE_integer("seed", 0, "Sampling seed.")
     _FLAGS["num_samples"] = flags.DEFINE_integer("num_samples", 1, "Samples of the same prompt.")
     _FLAGS["step"] = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    _FLAGS["trace"] = flags.DEFINE_string("trace", None, "Write each token's expert routing here (JSON lines).")
     flags.mark_flags_as_required(["workdir", "prompt"])
 
 
@@ -60,10 +62,16 @@ def main(argv) -> int:
     pad = tokenizer.pad_id if tokenizer is not None else 0
     n = _FLAGS["num_samples"].value
     temperature = _FLAGS["temperature"].value
+    trace_path = _FLAGS["trace"].value
     tokens = generate.generate(model, config, [ids] * n, max_new_tokens=_FLAGS["max_new_tokens"].value,
                                temperature=temperature, top_k=_FLAGS["top_k"].value, top_p=_FLAGS["top_p"].value,
                                rng=jax.random.key(_FLAGS["seed"].value) if temperature > 0 else None,
-                               eos_id=eos, pad_id=pad)
+                               eos_id=eos, pad_id=pad, trace=bool(trace_path))
+    if trace_path:
+        from moe_jax import traces
+
+        tokens, trace = tokens
+        written = traces.write(trace_path, tokens, trace, tokenizer)
     for i, row in enumerate(tokens):
         continuation = [int(t) for t in row[len(ids):]]
         if eos is not None and eos in continuation:
@@ -73,6 +81,8 @@ def main(argv) -> int:
         if header:
             print(header)
         print(_FLAGS["prompt"].value + (" " if tokenizer is None else "") + text, flush=True)
+    if trace_path:
+        print(f"wrote {trace_path}: the routing of {written} tokens", flush=True)
     return 0
 
 

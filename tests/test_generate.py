@@ -105,5 +105,49 @@ def test_sample_cli_prints_text_from_a_trained_run(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     samples = [line for line in done.stdout.splitlines() if line.startswith("the expert")]
     assert len(samples) == 2 and "--- sample 2/2" in done.stdout
+    # --trace, read back and replayed: the teacher-forced pass routes exactly as the generation did
+    from moe_jax import checkpoint, traces
+
+    trace_file = tmp_path / "trace.jsonl"
+    done = run_cli("moe_jax.sample", [f"--workdir={tmp_path / 'run'}", "--prompt=the expert", "--max_new_tokens=5",
+                                      f"--trace={trace_file}"], root)
+    assert done.returncode == 0 and "wrote" in done.stdout, done.stderr[-3000:]
+    tokens, replay, recorded = traces.read(trace_file)
+    assert recorded.sum() == len("the expert") + 4 and "moe_layers" in trace_file.read_text()
+    model, _ = checkpoint.restore_model(tmp_path / "run", devices=jax.devices()[:1])
+    width = 64 - tokens.shape[1]  # the run routes in groups of 64 tokens: pad the row to one group
+    tokens, recorded = np.pad(tokens, ((0, 0), (0, width))), np.pad(recorded, ((0, 0), (0, width)))
+    replay = tuple(jnp.pad(a, ((0, 0), (0, 0), (0, width), (0, 0))) for a in replay)
+    _, aux = model(jnp.asarray(tokens), segment_ids=jnp.asarray(traces.segment_ids(recorded)), deterministic=True,
+                   return_routing=True, replay=replay)
+    np.testing.assert_array_equal(np.asarray(aux["expert_index"])[:, recorded], np.asarray(replay[0])[:, recorded])
     assert_user_error(run_cli("moe_jax.sample", [f"--workdir={tmp_path / 'nope'}", "--prompt=x"], root),
                       "no such run directory")
+
+
+def test_trace_is_the_routing_of_a_full_forward_pass_and_replays_exactly():
+    cfg = tiny_config(4)
+    model = make_model(cfg)
+    prompt = [5, 9, 2, 33, 7]
+    tokens, trace = generate.generate(model, cfg, [prompt], max_new_tokens=6, trace=True)
+    read = int(trace["recorded"][0].sum())
+    assert read == len(prompt) + 5  # every token the model read: the last generated one is never read
+    seq = jnp.asarray(tokens[:, :read])
+    _, aux = model(seq, deterministic=True, return_routing=True)
+    np.testing.assert_array_equal(aux["expert_index"], trace["expert_index"][:, :, :read])
+    np.testing.assert_allclose(aux["routing_weight"], trace["weight"][:, :, :read], rtol=1e-5, atol=1e-6)
+
+    # Router replay: a model whose router changed routes otherwise, unless the trace is replayed.
+    changed = make_model(cfg)
+    moe_layers = [m for _, m in nnx.iter_graph(changed) if type(m).__name__ == "MoeLayer"]
+    for layer in moe_layers:
+        layer.router_kernel[...] = -layer.router_kernel[...]
+    replay = (jnp.asarray(trace["expert_index"][:, :, :read]), jnp.asarray(trace["weight"][:, :, :read]))
+    _, free = changed(seq, deterministic=True, return_routing=True)
+    _, replayed = changed(seq, deterministic=True, return_routing=True, replay=replay)
+    assert not np.array_equal(free["expert_index"], trace["expert_index"][:, :, :read])
+    np.testing.assert_array_equal(replayed["expert_index"], trace["expert_index"][:, :, :read])
+    # replaying a model's own trace changes nothing
+    own, _ = model(seq, deterministic=True)
+    again, _ = model(seq, deterministic=True, replay=replay)
+    np.testing.assert_allclose(own, again, rtol=1e-5, atol=1e-5)

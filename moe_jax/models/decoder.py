@@ -119,7 +119,7 @@ class DecoderLayer(nnx.Module):
         return x if self.dropout is None else self.dropout(x, deterministic=deterministic)
 
     def __call__(self, x_BLd, *, positions_BL, mask_B1LT, padding_mask_BL, token_ids_BL, deterministic,
-                 cache=None, cache_index=None, decode_capacity_factor=None):
+                 cache=None, cache_index=None, decode_capacity_factor=None, return_routing=False, replay=None):
         """-> (x, aux); with a KV `cache` (generation, see `Transformer.decode`) -> (x, aux, updated cache)."""
         h_BLd = self.attention(self.attention_norm(x_BLd), positions_BL=positions_BL, mask_B1LT=mask_B1LT,
                                cache=cache, cache_index=cache_index)
@@ -131,7 +131,8 @@ class DecoderLayer(nnx.Module):
         if self.is_moe:
             h_BLd, aux = self.ffn(h_BLd, padding_mask=padding_mask_BL, token_ids=token_ids_BL,
                                   deterministic=deterministic, decode=cache is not None,
-                                  decode_capacity_factor=decode_capacity_factor)
+                                  decode_capacity_factor=decode_capacity_factor, return_routing=return_routing,
+                                  replay=replay)
         else:
             h_BLd = self.ffn(h_BLd)
         x_BLd = x_BLd + self._drop(h_BLd.astype(x_BLd.dtype), deterministic)
@@ -187,7 +188,8 @@ class Transformer(nnx.Module):
         self._remat = remat
 
     def __call__(self, inputs: Array, *, segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
-                 deterministic: bool = False) -> tuple[Array, dict]:
+                 deterministic: bool = False, return_routing: bool = False,
+                 replay: Optional[tuple[Array, Array]] = None) -> tuple[Array, dict]:
         """Next-token logits.
 
         Args:
@@ -196,6 +198,9 @@ class Transformer(nnx.Module):
             Tokens attend only to earlier tokens of their own segment; padding is not routed to experts.
           positions: [B, L] int position of each token within its document (rotary); None: 0..L-1.
           deterministic: eval mode (no dropout or router jitter; MoE layers use the eval capacity factor).
+          return_routing: aux also holds each MoE layer's `expert_index` / `routing_weight` [layers, B, L, K].
+          replay: router replay (`moe.MoeLayer`): recorded (expert_index, weight) [layers, B, L, K] used instead
+            of the routers' choices, e.g. a generation trace (`generate.generate(..., trace=True)`).
 
         Returns:
           logits [B, L, V] float32, and aux: each MoE layer's routing metrics stacked on a leading axis of
@@ -210,21 +215,24 @@ class Transformer(nnx.Module):
         x_BLd = jnp.take(self.embedding[...], inputs, axis=0).astype(self.dtype)
         x_BLd = sharding.constrain(x_BLd, ("batch", "length", "embed"))
         layer_kwargs = dict(positions_BL=positions, mask_B1LT=mask_B1LT, padding_mask_BL=padding_mask_BL,
-                            token_ids_BL=inputs, deterministic=deterministic)
+                            token_ids_BL=inputs, deterministic=deterministic, return_routing=return_routing)
 
-        def block_fn(block, x_BLd):
-            x_BLd, aux = block(x_BLd, **layer_kwargs)
+        def block_fn(block, x_BLd, block_replay):
+            extra = {} if block_replay is None else dict(replay=block_replay)
+            x_BLd, aux = block(x_BLd, **layer_kwargs, **extra)
             return sharding.constrain(x_BLd, ("batch", "length", "embed")), aux
 
         if self._remat:
             block_fn = nnx.remat(block_fn, policy=self._remat_policy)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def scan_blocks(x_BLd, block):
-            return block_fn(block, x_BLd)
+        def scan_blocks(x_BLd, block, block_replay):
+            return block_fn(block, x_BLd, block_replay)
 
-        x_BLd, aux = scan_blocks(x_BLd, self.blocks)
+        if replay is not None and not is_moe(self.config):
+            raise ValueError("replay: this model has no MoE layer to replay routing into")
+        x_BLd, aux = scan_blocks(x_BLd, self.blocks, replay)
         return self._logits(x_BLd), aux
 
     def init_cache(self, batch_size: int, length: int) -> tuple[Array, Array]:
@@ -234,8 +242,11 @@ class Transformer(nnx.Module):
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
     def decode(self, inputs: Array, *, positions_BL: Array, mask_B1LT: Array, padding_mask_BL: Array,
-               cache: tuple[Array, Array], index: Array, decode_capacity_factor: Optional[float] = None):
-        """Generation: logits of `inputs` [B, L] written at cache slots [index, index + L) -> (logits, cache).
+               cache: tuple[Array, Array], index: Array, decode_capacity_factor: Optional[float] = None,
+               return_routing: bool = False):
+        """Generation: logits of `inputs` [B, L] written at cache slots [index, index + L) -> (logits, cache,
+        aux), aux holding each MoE layer's `expert_index` / `routing_weight` [layers, B, L, K] with
+        `return_routing`.
 
         `mask_B1LT` says which of the T cache slots each query sees (causal, and not the prompts' padding);
         `padding_mask_BL` which inputs are real (padding is not routed). MoE layers route in decode mode (the
@@ -243,16 +254,16 @@ class Transformer(nnx.Module):
         x_BLd = jnp.take(self.embedding[...], inputs, axis=0).astype(self.dtype)
         layer_kwargs = dict(positions_BL=positions_BL, mask_B1LT=mask_B1LT, padding_mask_BL=padding_mask_BL,
                             token_ids_BL=inputs, deterministic=True, cache_index=index,
-                            decode_capacity_factor=decode_capacity_factor)
+                            decode_capacity_factor=decode_capacity_factor, return_routing=return_routing)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
         def scan_blocks(x_BLd, block, block_cache):
-            x_BLd, _, block_cache = block(x_BLd, cache=block_cache, **layer_kwargs)
-            return x_BLd, block_cache
+            x_BLd, aux, block_cache = block(x_BLd, cache=block_cache, **layer_kwargs)
+            return x_BLd, block_cache, aux
 
-        x_BLd, cache = scan_blocks(x_BLd, self.blocks, cache)
-        return self._logits(x_BLd), cache
+        x_BLd, cache, aux = scan_blocks(x_BLd, self.blocks, cache)
+        return self._logits(x_BLd), cache, aux
 
     def _logits(self, x_BLd: Array) -> Array:
         x_BLd = self.final_norm(x_BLd)
