@@ -10,11 +10,11 @@ from flax import nnx
 from moe_jax import generate, models, train
 
 
-def tiny_config(num_experts):
+def tiny_config(num_experts, dispatcher="index", k=1):
     cfg = train.default_config()
     cfg.model.update(vocab_size=64, d_model=32, d_ff=64, num_layers=4, num_heads=2)
     # group_size 1: every token is its own routing group, so the recomputed reference drops nothing either
-    cfg.model.moe.update(num_experts=num_experts, every=2, group_size=1, dispatcher="index")
+    cfg.model.moe.update(num_experts=num_experts, every=2, group_size=1, dispatcher=dispatcher, k=k)
     return cfg
 
 
@@ -31,14 +31,29 @@ def greedy_by_recomputing(model, prompt, steps):
     return tokens
 
 
-@pytest.mark.parametrize("num_experts", [0, 4])
-def test_cached_greedy_equals_recomputing_the_sequence(num_experts):
-    cfg = tiny_config(num_experts)
+@pytest.mark.parametrize("num_experts, dispatcher, k", [(0, "index", 1), (4, "index", 1), (4, "index", 2),
+                                                       (4, "einsum", 1), (4, "einsum", 2), (4, "dropless", 1),
+                                                       (4, "dropless", 2)])
+def test_cached_greedy_equals_recomputing_the_sequence(num_experts, dispatcher, k):
+    cfg = tiny_config(num_experts, dispatcher, k)
     model = make_model(cfg)
     prompt = [5, 9, 2, 33, 7]
-    got = generate.generate(model, cfg, [prompt], max_new_tokens=12)
-    assert got.shape == (1, 17)
-    assert got[0].tolist() == greedy_by_recomputing(model, prompt, 12)
+    got = generate.generate(model, cfg, [prompt], max_new_tokens=8)
+    assert got.shape == (1, 13)
+    assert got[0].tolist() == greedy_by_recomputing(model, prompt, 8)
+
+
+def test_prefill_logits_equal_the_full_forward_logits():
+    cfg = tiny_config(4, "index", 2)
+    model = make_model(cfg)
+    prompt = jnp.asarray([[5, 9, 2, 33, 7, 1, 40, 3]], jnp.int32)
+    full, _ = model(prompt, deterministic=True)
+    valid = jnp.ones((1, 64), bool)
+    slots = jnp.arange(8)[None]
+    cached, _, _ = model.decode(prompt, positions_BL=slots, mask_B1LT=generate.decode_mask(valid, slots),
+                                padding_mask_BL=jnp.ones((1, 8), bool), cache=model.init_cache(1, 64),
+                                index=jnp.zeros((), jnp.int32))
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
 
 
 def test_prompts_of_different_lengths_each_match_their_own_generation():
