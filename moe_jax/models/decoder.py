@@ -294,21 +294,8 @@ def loss_fn(model: Transformer, batch: dict, *, deterministic: bool, aux_loss_we
     """
     logits_BLV, aux = model(batch["inputs"], segment_ids=batch.get("segment_ids"),
                             positions=batch.get("positions"), deterministic=deterministic)
-    targets_BL = batch["targets"]
-    weights_BL = batch.get("loss_weights")
-    weights_BL = jnp.ones(targets_BL.shape, jnp.float32) if weights_BL is None else weights_BL.astype(jnp.float32)
-    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-    num_tokens = weights_BL.sum()
-    denom = jnp.maximum(num_tokens, 1e-8)
-    ce = jnp.sum((log_z_BL - target_logit_BL) * weights_BL) / denom
-    accuracy = jnp.sum((jnp.argmax(logits_BLV, axis=-1) == targets_BL) * weights_BL) / denom
-    lb = jnp.mean(aux["load_balancing_loss"]) if "load_balancing_loss" in aux else jnp.zeros((), jnp.float32)
-    z = jnp.mean(aux["router_z_loss"]) if "router_z_loss" in aux else jnp.zeros((), jnp.float32)
-    loss = ce + aux_loss_weight * lb + z_loss_weight * z
-    metrics = dict(loss=loss, ce=ce, accuracy=accuracy, load_balancing_loss=lb, router_z_loss=z,
-                   num_tokens=num_tokens, moe=aux)
-    return loss, metrics
+    return layers.lm_loss(logits_BLV, batch["targets"], batch.get("loss_weights"), aux,
+                          aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight)
 
 
 # --------------------------------------------------------------------------------------------- counting

@@ -175,7 +175,7 @@ class Attention(nnx.Module):
     def __call__(self, x_BLd: Array, *, positions_BL: Optional[Array], mask_B1LT: Optional[Array],
                  kv_BTd: Optional[Array] = None, kv_positions_BT: Optional[Array] = None,
                  causal: bool = True, cache: Optional[tuple[Array, Array]] = None,
-                 cache_index: Optional[Array] = None):
+                 cache_index: Optional[Array] = None, bias_BHLT: Optional[Array] = None):
         """[B, L, d] -> [B, L, d].
 
         Args:
@@ -189,6 +189,7 @@ class Attention(nnx.Module):
           cache: self-attention with a KV cache (generation): (keys, values) [B, T, H, k] of every slot so far;
             this call's keys and values are written at slots [cache_index, cache_index + L) and the queries
             attend over all T slots under `mask_B1LT` [B, 1, L, T]. Returns (output, updated cache) then.
+          bias_BHLT: an additive attention-logit bias broadcastable to [B, H, L, T] (T5's relative positions).
         """
         dt = self.dtype
         source_BTd = x_BLd if kv_BTd is None else kv_BTd
@@ -205,7 +206,7 @@ class Attention(nnx.Module):
             k_BTHk = jax.lax.dynamic_update_slice(cache[0], k_BTHk.astype(cache[0].dtype), start)
             v_BTHk = jax.lax.dynamic_update_slice(cache[1], v_BTHk.astype(cache[1].dtype), start)
         # Logits and softmax in float32 inside dot_product_attention whatever the input dtype.
-        o_BLHk = jax.nn.dot_product_attention(q_BLHk, k_BTHk, v_BTHk, mask=mask_B1LT,
+        o_BLHk = jax.nn.dot_product_attention(q_BLHk, k_BTHk, v_BTHk, mask=mask_B1LT, bias=bias_BHLT,
                                               is_causal=mask_B1LT is None and causal)
         out_BLd = jnp.einsum("BLHk,Hkd->BLd", o_BLHk, self.out[...].astype(dt))
         return out_BLd if cache is None else (out_BLd, (k_BTHk, v_BTHk))
@@ -251,6 +252,30 @@ def make_moe_layer(cfg, *, rngs: nnx.Rngs):
         batch_prioritized=m.batch_prioritized, vocab_size=cfg.vocab_size, bias_update_rate=m.bias_update_rate,
         router_dtype=dtype("model.moe.router_dtype", m.router_dtype), dtype=dtype("model.dtype", cfg.dtype),
         rngs=rngs)
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+
+def lm_loss(logits_BLV: Array, targets_BL: Array, weights_BL: Optional[Array], moe_aux: dict, *,
+            aux_loss_weight: float, z_loss_weight: float) -> tuple[Array, dict]:
+    """CE (weighted by `weights_BL`, default 1) + aux_loss_weight * mean_layers(LB) + z_loss_weight *
+    mean_layers(z) -> (loss, metrics): `loss`, `ce`, `accuracy`, `load_balancing_loss`, `router_z_loss`,
+    `num_tokens` (sum of weights) and `moe` (the per-layer routing aux, stacked on a leading layer axis)."""
+    weights_BL = jnp.ones(targets_BL.shape, jnp.float32) if weights_BL is None else weights_BL.astype(jnp.float32)
+    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    num_tokens = weights_BL.sum()
+    denom = jnp.maximum(num_tokens, 1e-8)
+    ce = jnp.sum((log_z_BL - target_logit_BL) * weights_BL) / denom
+    accuracy = jnp.sum((jnp.argmax(logits_BLV, axis=-1) == targets_BL) * weights_BL) / denom
+    aux = moe_aux
+    lb = jnp.mean(aux["load_balancing_loss"]) if "load_balancing_loss" in aux else jnp.zeros((), jnp.float32)
+    z = jnp.mean(aux["router_z_loss"]) if "router_z_loss" in aux else jnp.zeros((), jnp.float32)
+    loss = ce + aux_loss_weight * lb + z_loss_weight * z
+    metrics = dict(loss=loss, ce=ce, accuracy=accuracy, load_balancing_loss=lb, router_z_loss=z,
+                   num_tokens=num_tokens, moe=aux)
+    return loss, metrics
 
 
 # --------------------------------------------------------------------------------------------- counting

@@ -1,0 +1,265 @@
+"""The T5.1.1-style encoder-decoder (`model.name="encdec"`), Switch layers in both stacks.
+
+    model = models.get("encdec").create(cfg.model, nnx.Rngs(params=0, dropout=1))
+    logits_BLV, aux = model(encoder_tokens_BL, decoder_tokens_BL, encoder_segment_ids=..., decoder_segment_ids=...)
+
+T5.1.1 (Raffel et al. 2020; the v1.1 checkpoints): RMSNorm without bias before every sublayer, no absolute
+positions but a learned relative position bias (`relative_attention_num_buckets` buckets, log-spaced out to
+`relative_attention_max_distance`; bidirectional in the encoder, causal in the decoder; one bias table per
+stack, shared by its layers), gated-GELU MLPs by default, input embedding shared by both stacks and untied
+from the output head. The decoder reads the targets shifted right. Every `moe.encoder_every`-th encoder FFN
+and every `moe.decoder_every`-th decoder FFN is an `MoeLayer` (both default to `moe.every`): Switch puts one
+in every other FFN of both stacks. Packed examples: encoder and decoder segment ids keep self- and
+cross-attention inside one example. Decoder routing is causal with the default top-k router; the encoder may
+use `moe.batch_prioritized` or expert choice, which look at the whole input.
+
+Attention scales logits by 1/sqrt(head dim) (jax.nn.dot_product_attention); T5 instead folds that factor
+into its initialisation. The layers run in Python loops, not a scan: compile time grows with depth.
+
+Aux: `aux["encoder"]` and `aux["decoder"]` hold each stack's MoE-layer metrics stacked on a leading layer
+axis; `loss_fn` reports their concatenation (encoder layers first) as `metrics["moe"]`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from moe_jax.models import decoder, layers
+
+Array = jax.Array
+BATCH_FORMAT = "span_corruption"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = decoder.default_config()
+    c.name = "encdec"
+    c.activation = "geglu"
+    c.tie_embeddings = False
+    c.num_encoder_layers = 2
+    c.num_decoder_layers = 2
+    c.relative_attention_num_buckets = 32
+    c.relative_attention_max_distance = 128
+    c.moe.encoder_every = ml_collections.config_dict.placeholder(int)  # None: moe.every
+    c.moe.decoder_every = ml_collections.config_dict.placeholder(int)
+    return c
+
+
+def moe_every(cfg, stack: str) -> int:
+    every = cfg.moe.get(f"{stack}_every")
+    every = cfg.moe.every if every is None else every
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"model.moe.{stack}_every={every!r} must be a positive integer (None: model.moe.every)")
+    return every
+
+
+def validate_config(cfg) -> None:
+    layers.validate_config(cfg)
+    for key in ("num_encoder_layers", "num_decoder_layers", "relative_attention_num_buckets",
+                "relative_attention_max_distance"):
+        if not (isinstance(cfg.get(key), int) and cfg[key] > 0):
+            raise ValueError(f"model.{key}={cfg.get(key)!r} must be a positive integer")
+    if cfg.relative_attention_num_buckets % 2:
+        raise ValueError(f"model.relative_attention_num_buckets={cfg.relative_attention_num_buckets} must be even "
+                         f"(half of them for each direction in the encoder)")
+    moe_every(cfg, "encoder"), moe_every(cfg, "decoder")
+
+
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """T5's bucketing of `key position - query position`: exact for small distances, log-spaced beyond, all
+    distances past `max_distance` in the last bucket; in one direction only when not bidirectional."""
+    bucket = jnp.zeros_like(relative_position)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    scaled = jnp.log(n.astype(jnp.float32) / max_exact + np.finfo(np.float32).eps) / np.log(max_distance / max_exact)
+    large = jnp.minimum(max_exact + (scaled * (num_buckets - max_exact)).astype(jnp.int32), num_buckets - 1)
+    return bucket + jnp.where(is_small, n, large)
+
+
+class RelativePositionBias(nnx.Module):
+    """One learned bias per (bucket, head), shared by every layer of a stack -> [B, H, L, T]."""
+
+    def __init__(self, cfg, *, bidirectional: bool, rngs: nnx.Rngs):
+        self.bidirectional = bidirectional
+        self.num_buckets, self.max_distance = cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+        self.table = layers.kernel(rngs, (self.num_buckets, cfg.num_heads), (None, "heads"), scale=cfg.init_scale)
+
+    def __call__(self, query_positions_BL: Array, key_positions_BT: Array) -> Array:
+        relative_BLT = key_positions_BT[:, None, :] - query_positions_BL[:, :, None]
+        buckets_BLT = relative_position_bucket(relative_BLT, bidirectional=self.bidirectional,
+                                               num_buckets=self.num_buckets, max_distance=self.max_distance)
+        return jnp.transpose(jnp.take(self.table[...], buckets_BLT, axis=0), (0, 3, 1, 2))
+
+
+class EncDecLayer(nnx.Module):
+    """x += self_attn(rms(x)) [+ cross_attn(rms(x), encoder output)]; x += ffn(rms(x)), ffn dense or MoE."""
+
+    def __init__(self, cfg, *, cross: bool, moe: bool, rngs: nnx.Rngs):
+        dt = layers.dtype("model.dtype", cfg.dtype)
+        self.self_norm = layers.rms_norm(cfg.d_model, dt, rngs)
+        self.self_attention = layers.Attention(cfg, rngs=rngs)
+        if cross:
+            self.cross_norm = layers.rms_norm(cfg.d_model, dt, rngs)
+            self.cross_attention = layers.Attention(cfg, rngs=rngs)
+        self.has_cross, self.is_moe = cross, moe
+        self.ffn_norm = layers.rms_norm(cfg.d_model, dt, rngs)
+        self.ffn = layers.make_moe_layer(cfg, rngs=rngs) if moe else layers.Mlp(cfg, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
+
+    def _drop(self, x, deterministic):
+        return x if self.dropout is None else self.dropout(x, deterministic=deterministic)
+
+    def __call__(self, x_BLd, *, mask_B1LT, bias_BHLT, padding_mask_BL, token_ids_BL, deterministic,
+                 encoded_BTd=None, cross_mask_B1LT=None):
+        h = self.self_attention(self.self_norm(x_BLd), positions_BL=None, mask_B1LT=mask_B1LT, bias_BHLT=bias_BHLT)
+        x_BLd = x_BLd + self._drop(h, deterministic)
+        if self.has_cross:
+            h = self.cross_attention(self.cross_norm(x_BLd), positions_BL=None, mask_B1LT=cross_mask_B1LT,
+                                     kv_BTd=encoded_BTd)
+            x_BLd = x_BLd + self._drop(h, deterministic)
+        h = self.ffn_norm(x_BLd)
+        aux = {}
+        if self.is_moe:
+            h, aux = self.ffn(h, padding_mask=padding_mask_BL, token_ids=token_ids_BL, deterministic=deterministic)
+        else:
+            h = self.ffn(h)
+        return x_BLd + self._drop(h.astype(x_BLd.dtype), deterministic), aux
+
+
+def _stack_aux(auxes: list[dict]) -> dict:
+    return {key: jnp.stack([a[key] for a in auxes]) for key in auxes[0]} if auxes else {}
+
+
+class EncoderDecoder(nnx.Module):
+    """See the module docstring."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        validate_config(cfg)
+        cfg = ml_collections.FrozenConfigDict(cfg)
+        self.config = cfg
+        self.dtype = layers.dtype("model.dtype", cfg.dtype)
+        d, V, moe = cfg.d_model, cfg.vocab_size, layers.is_moe(cfg)
+        self.embedding = layers.embedding(rngs, V, d)
+        self.encoder_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
+        self.decoder_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
+        enc_every, dec_every = moe_every(cfg, "encoder"), moe_every(cfg, "decoder")
+        self.encoder_layers = nnx.List([EncDecLayer(cfg, cross=False, moe=moe and (i + 1) % enc_every == 0, rngs=rngs)
+                                        for i in range(cfg.num_encoder_layers)])
+        self.decoder_layers = nnx.List([EncDecLayer(cfg, cross=True, moe=moe and (i + 1) % dec_every == 0, rngs=rngs)
+                                        for i in range(cfg.num_decoder_layers)])
+        self.encoder_norm = layers.rms_norm(d, self.dtype, rngs)
+        self.decoder_norm = layers.rms_norm(d, self.dtype, rngs)
+        self.unembedding = layers.kernel(rngs, (d, V), ("embed", "vocab"), scale=cfg.init_scale)
+
+    def encode(self, tokens_BL, *, segment_ids=None, positions=None, deterministic=False):
+        """-> (encoded [B, L, d], aux of the encoder's MoE layers)."""
+        B, L = tokens_BL.shape
+        segment_ids = jnp.ones((B, L), jnp.int32) if segment_ids is None else segment_ids
+        positions = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions is None else positions
+        kwargs = dict(mask_B1LT=layers.attention_mask(segment_ids, segment_ids, causal=False),
+                      bias_BHLT=self.encoder_bias(positions, positions), padding_mask_BL=segment_ids > 0,
+                      token_ids_BL=tokens_BL, deterministic=deterministic)
+        x_BLd = jnp.take(self.embedding[...], tokens_BL, axis=0).astype(self.dtype)
+        auxes = []
+        for layer in self.encoder_layers:
+            x_BLd, aux = layer(x_BLd, **kwargs)
+            auxes += [aux] if aux else []
+        return self.encoder_norm(x_BLd), _stack_aux(auxes)
+
+    def __call__(self, encoder_tokens_BL, decoder_tokens_BL, *, encoder_segment_ids=None, decoder_segment_ids=None,
+                 encoder_positions=None, decoder_positions=None, deterministic: bool = False):
+        """-> (logits [B, L_dec, V] float32, aux {"encoder": {...}, "decoder": {...}})."""
+        encoded_BTd, encoder_aux = self.encode(encoder_tokens_BL, segment_ids=encoder_segment_ids,
+                                               positions=encoder_positions, deterministic=deterministic)
+        B, L = decoder_tokens_BL.shape
+        T = encoder_tokens_BL.shape[1]
+        dec_segments = jnp.ones((B, L), jnp.int32) if decoder_segment_ids is None else decoder_segment_ids
+        enc_segments = jnp.ones((B, T), jnp.int32) if encoder_segment_ids is None else encoder_segment_ids
+        positions = jnp.broadcast_to(jnp.arange(L), (B, L)) if decoder_positions is None else decoder_positions
+        kwargs = dict(mask_B1LT=layers.attention_mask(dec_segments), bias_BHLT=self.decoder_bias(positions, positions),
+                      padding_mask_BL=dec_segments > 0, token_ids_BL=decoder_tokens_BL, deterministic=deterministic,
+                      encoded_BTd=encoded_BTd,
+                      cross_mask_B1LT=layers.attention_mask(dec_segments, enc_segments, causal=False))
+        x_BLd = jnp.take(self.embedding[...], decoder_tokens_BL, axis=0).astype(self.dtype)
+        auxes = []
+        for layer in self.decoder_layers:
+            x_BLd, aux = layer(x_BLd, **kwargs)
+            auxes += [aux] if aux else []
+        x_BLd = self.decoder_norm(x_BLd)
+        logits = jnp.einsum("BLd,dV->BLV", x_BLd, self.unembedding[...].astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits.astype(jnp.float32), {"encoder": encoder_aux, "decoder": _stack_aux(auxes)}
+
+
+# --------------------------------------------------------------------------------------------- family
+
+
+def create(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> EncoderDecoder:
+    return EncoderDecoder(cfg, rngs=rngs)
+
+
+def loss_fn(model: EncoderDecoder, batch: dict, *, deterministic: bool, aux_loss_weight: float,
+            z_loss_weight: float) -> tuple[Array, dict]:
+    """Span-corruption loss: CE of `decoder_targets` (weighted by `decoder_loss_weights`) + the MoE losses
+    averaged over the MoE layers of both stacks; `metrics["moe"]` stacks encoder then decoder layers."""
+    logits, aux = model(batch["encoder_inputs"], batch["decoder_inputs"],
+                        encoder_segment_ids=batch.get("encoder_segment_ids"),
+                        decoder_segment_ids=batch.get("decoder_segment_ids"),
+                        encoder_positions=batch.get("encoder_positions"),
+                        decoder_positions=batch.get("decoder_positions"), deterministic=deterministic)
+    stacks = [a for a in (aux["encoder"], aux["decoder"]) if a]
+    moe_aux = {key: jnp.concatenate([a[key] for a in stacks]) for key in stacks[0]} if stacks else {}
+    return layers.lm_loss(logits, batch["decoder_targets"], batch.get("decoder_loss_weights"), moe_aux,
+                          aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight)
+
+
+def abstract_batch(batch_size: int, seq_len: int, batch_sharding=None, *, data_config=None) -> dict:
+    """The `span_corruption` batch: encoder rows of `seq_len` and decoder rows of the matching T5 targets
+    length (`span_corruption.input_and_target_lengths`)."""
+    from moe_jax.data import span_corruption
+
+    density = data_config.get("noise_density", 0.15) if data_config is not None else 0.15
+    span = data_config.get("mean_noise_span_length", 3.0) if data_config is not None else 3.0
+    _, targets_length = span_corruption.input_and_target_lengths(seq_len, density, span)
+    spec = lambda length, dtype: jax.ShapeDtypeStruct((batch_size, length), dtype, sharding=batch_sharding)
+    batch = {f"encoder_{k}": spec(seq_len, jnp.int32) for k in ("inputs", "segment_ids", "positions")}
+    batch.update({f"decoder_{k}": spec(targets_length, jnp.int32) for k in ("inputs", "targets", "segment_ids",
+                                                                             "positions")})
+    batch["decoder_loss_weights"] = spec(targets_length, jnp.float32)
+    return batch
+
+
+def count_params(model: EncoderDecoder) -> dict:
+    moe = model.config.moe
+    return layers.count_params(model, k=moe.k, num_experts=moe.num_experts)
+
+
+def flops_per_token(model: EncoderDecoder, seq_len: int) -> float:
+    """6 x active non-embedding parameters (+ the output projection) + attention, per token; an estimate: the
+    encoder and the decoder see different numbers of tokens, counted here as if both saw `seq_len`."""
+    cfg = model.config
+    counts = count_params(model)
+    layers_total = cfg.num_encoder_layers + 2 * cfg.num_decoder_layers  # decoder: self + cross attention
+    attention = 12 * layers_total * cfg.num_heads * layers.head_dim(cfg) * seq_len
+    return float(6 * (counts["active_non_embedding"] + cfg.d_model * cfg.vocab_size) + attention)
+
+
+def describe(cfg) -> str:
+    stacks = f"{cfg.num_encoder_layers} + {cfg.num_decoder_layers} layers"
+    if not layers.is_moe(cfg):
+        return f" (encoder-decoder, {stacks}, dense)"
+    return (f"; encoder-decoder, {stacks}, {cfg.moe.num_experts} experts every {moe_every(cfg, 'encoder')} "
+            f"encoder / {moe_every(cfg, 'decoder')} decoder layers")
