@@ -13,8 +13,8 @@ from moe_jax.models import layers
 def validate(cfg, *, num_devices: int) -> None:
     """Raise ValueError for the first setting that cannot work with this many devices."""
     family = models.get(cfg)  # ValueError naming model.name for an unknown family
+    data_lib.check_batch_format(cfg.data, family.batch_format)  # first: a family the pipeline cannot feed
     family.validate_config(cfg.model)
-    data_lib.check_batch_format(cfg.data, family.batch_format)
     data_axis, expert_axis, _ = sharding.mesh_shape(cfg.mesh.shape, num_devices)
     batch_shards = data_axis * expert_axis
     for key in ("batch_size", "seq_len"):
