@@ -12,7 +12,6 @@ information between domain and expert; with `--compare_step`, the router drift b
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 
@@ -150,8 +149,4 @@ def main(argv) -> int:
 if __name__ == "__main__":
     from moe_jax import cli
 
-    try:
-        _define_flags()
-    except Exception as error:  # noqa: BLE001 (DEFINE_config_dict reads the --config.* overrides here)
-        cli.fail(cli.describe_flag_error(error, sys.argv))
-    cli.run(main)
+    cli.run(main, define_flags=_define_flags)

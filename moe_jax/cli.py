@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 USAGE_ERROR_EXIT = 2
 
@@ -96,11 +96,23 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         fail(describe_flag_error(error, argv))
 
 
-def run(main: Callable[[list[str]], int], *, user_errors: tuple[type[BaseException], ...] = ()) -> None:
-    """`absl.app.run(main)` with `parse_flags`, and the library's user errors printed as `error:` lines."""
+def run(main: Callable[[list[str]], int], *, define_flags: Optional[Callable[[], None]] = None,
+        user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """`absl.app.run(main)` with `parse_flags`, and the library's user errors printed as `error:` lines.
+
+    `define_flags`, if given, defines the command's flags first; its errors are flag errors too
+    (`config_flags.DEFINE_config_dict` reads the `--config.*` overrides as it defines them)."""
     from absl import app
 
     from moe_jax import checkpoint
+
+    if define_flags is not None:
+        try:
+            define_flags()
+        except Exception as error:  # ml_collections raises KeyError/AttributeError chains for unknown keys
+            if os.environ.get("MOE_JAX_TRACEBACK"):
+                raise
+            fail(describe_flag_error(error, sys.argv))
 
     caught = USER_ERRORS + (checkpoint.CheckpointError,) + tuple(user_errors)
 

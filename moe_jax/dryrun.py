@@ -450,5 +450,5 @@ def main(argv) -> int:
 if __name__ == "__main__":
     from moe_jax import cli
 
-    _define_flags()
-    cli.run(main)  # user errors: one `error:` line, status 2; DoesNotFit: its paragraph, status 3
+    # user errors: one `error:` line, status 2; DoesNotFit: its paragraph, status 3
+    cli.run(main, define_flags=_define_flags)

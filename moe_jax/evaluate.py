@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from moe_jax.data import sources, tokenizers
+from moe_jax.data import packing, sources, tokenizers
 
 
 def pack_documents(token_lists: Iterable[list[int]], seq_len: int, pad_id: int) -> Iterator[dict]:
@@ -49,16 +48,12 @@ def pack_documents(token_lists: Iterable[list[int]], seq_len: int, pad_id: int) 
 
 
 def _lm_row(row, seq_len: int, pad_id: int) -> dict:
-    tokens = np.full(seq_len, pad_id, np.int32)
-    segments = np.zeros(seq_len, np.int32)
-    positions = np.zeros(seq_len, np.int32)
+    """(token, segment, position) triples -> the training pipeline's LM features (`packing.LmFeatures`)."""
+    packed = {"tokens": np.full(seq_len, pad_id, np.int32), "tokens_segment_ids": np.zeros(seq_len, np.int32),
+              "tokens_positions": np.zeros(seq_len, np.int32)}
     for i, (token, segment, position) in enumerate(row):
-        tokens[i], segments[i], positions[i] = token, segment, position
-    targets = np.full(seq_len, pad_id, np.int32)
-    targets[:-1] = tokens[1:]
-    weights = np.zeros(seq_len, np.float32)
-    weights[:-1] = (segments[:-1] > 0) & (segments[:-1] == segments[1:])
-    return dict(inputs=tokens, targets=targets, loss_weights=weights, segment_ids=segments, positions=positions)
+        packed["tokens"][i], packed["tokens_segment_ids"][i], packed["tokens_positions"][i] = token, segment, position
+    return packing.LmFeatures(pad_id, with_domains=False)(packed)
 
 
 def _batches(rows: Iterator[dict], batch_size: int, seq_len: int, pad_id: int) -> Iterator[dict]:
@@ -171,8 +166,4 @@ def main(argv) -> int:
 if __name__ == "__main__":
     from moe_jax import cli
 
-    try:  # DEFINE_config_dict reads the --config.* overrides as it defines them: an unknown key fails here
-        _define_flags()
-    except Exception as error:  # noqa: BLE001 (ml_collections raises KeyError/AttributeError chains)
-        cli.fail(cli.describe_flag_error(error, sys.argv))
-    cli.run(main)
+    cli.run(main, define_flags=_define_flags)

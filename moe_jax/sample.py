@@ -89,5 +89,4 @@ def main(argv) -> int:
 if __name__ == "__main__":
     from moe_jax import cli
 
-    _define_flags()
-    cli.run(main)
+    cli.run(main, define_flags=_define_flags)
