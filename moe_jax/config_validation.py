@@ -13,6 +13,7 @@ from moe_jax.models import layers
 def validate(cfg, *, num_devices: int) -> None:
     """Raise ValueError for the first setting that cannot work with this many devices."""
     family = models.get(cfg)  # ValueError naming model.name for an unknown family
+    cfg = models.with_family_defaults(cfg)
     data_lib.check_batch_format(cfg.data, family.batch_format)  # first: a family the pipeline cannot feed
     family.validate_config(cfg.model)
     data_axis, expert_axis, _ = sharding.mesh_shape(cfg.mesh.shape, num_devices)
@@ -67,10 +68,27 @@ def routing_group_size(cfg, *, num_devices: int) -> int:
 def resolve(cfg, *, num_devices: int):
     """`validate`, then a copy of the config with derived values filled in (`model.moe.group_size` as used)."""
     validate(cfg, num_devices=num_devices)
-    resolved = cfg.copy_and_resolve_references()
+    resolved = models.with_family_defaults(cfg)
     if layers.is_moe(cfg.model):
         resolved.model.moe.group_size = routing_group_size(cfg, num_devices=num_devices)
+        if models.get(cfg).batch_format == "span_corruption":
+            resolved.model.moe.decoder_group_size = decoder_group_size(resolved, num_devices=num_devices)
     return resolved
+
+
+def decoder_group_size(cfg, *, num_devices: int) -> int:
+    """The encoder-decoder's decoder stack routes its own, shorter rows (the span-corruption targets): groups of
+    min(group_size, its tokens per device) when that holds whole rows or pieces of one, else the largest number
+    of whole rows per device that fits in group_size (or the largest piece of a row, when one row is larger)."""
+    from moe_jax.data import span_corruption
+
+    data_axis, expert_axis, _ = sharding.mesh_shape(cfg.mesh.shape, num_devices)
+    rows = cfg.data.batch_size // (data_axis * expert_axis)
+    _, _, length = span_corruption.lengths(cfg.data)
+    limit = cfg.model.moe.get("decoder_group_size") or cfg.model.moe.group_size
+    if limit >= length:
+        return length * max(k for k in range(1, rows + 1) if rows % k == 0 and k * length <= limit)
+    return max(n for n in range(1, limit + 1) if length % n == 0)
 
 
 def _divisors_note(tokens_per_device: int, seq_len: int) -> str:
@@ -109,12 +127,18 @@ def _check_data(data_cfg) -> None:
 
 def _check_vocabulary(cfg) -> None:
     """model.vocab_size must cover the tokenizer's ids (an id past the embedding table gives a NaN loss at
-    step 1). Checked where the size is known without reading a file: the synthetic corpus and byte ids. A
-    SentencePiece model may sit in a bucket the dry-run laptop cannot read, so its size is not checked here
-    (T5's C4 vocabulary has 32100 ids; the paper-sized configs use 32128)."""
+    step 1), and for span corruption the sentinel ids after them. Checked where the size is known without
+    reading a remote file: the synthetic corpus, byte ids and a local SentencePiece model. One in a bucket the
+    dry-run laptop cannot read is not checked (T5's C4 vocabulary has 32100 ids; the paper configs use 32128)."""
+    remote = cfg.data.source != "synthetic" and cfg.data.tokenizer != "byte" and "://" in str(cfg.data.tokenizer)
+    ids = None if remote else data_lib.make_tokenizer(cfg.data).vocab_size
+    if models.get(cfg).batch_format == "span_corruption":
+        from moe_jax.data import span_corruption
+
+        span_corruption.validate(cfg.data, ids, cfg.model.vocab_size)
+        return
     if cfg.data.source != "synthetic" and cfg.data.tokenizer != "byte":
         return
-    ids = data_lib.make_tokenizer(cfg.data).vocab_size
     if cfg.model.vocab_size < ids:
         source = "data.synthetic.vocab_size" if cfg.data.source == "synthetic" else "data.tokenizer='byte'"
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {ids} token ids of "

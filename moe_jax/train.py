@@ -238,7 +238,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
     train_iter = data.make_train_iterator(cfg.data, **block)
     eval_batches = [sharding.shard_batch(b, run.mesh)
                     for b in data.make_eval_batches(cfg.data, cfg.train.eval_steps, **block)]
-    floor = data.entropy_floor(cfg.data)
+    span_corruption = run.family.batch_format == "span_corruption"
+    floor = None if span_corruption else data.entropy_floor(cfg.data)  # the floor is the LM stream's
 
     finished = _finished_step(workdir / "checkpoints", cfg.train.steps)
     if finished is not None:
@@ -286,6 +287,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
                 totals[key] = totals.get(key, 0.0) + float(metrics[key]) * tokens
         result = {f"eval/{k}": v / max(weight, 1.0) for k, v in totals.items()}
         result["eval/perplexity"] = math.exp(min(result["eval/ce"], 50.0))
+        if span_corruption:  # the Switch paper's metric (Tables 1-3, Fig. 4): -CE per target token, in nats
+            result["eval/neg_log_perplexity"] = -result["eval/ce"]
         if floor is not None:
             result["eval/entropy_floor"] = floor
             result["eval/gap_to_floor"] = result["eval/ce"] - floor
@@ -315,6 +318,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
                 values = {f"train/{k}": v for k, v in metric_writer.flatten(
                     {k: v for k, v in jax.device_get(metrics).items() if k != "moe"}).items()}
                 values["train/perplexity"] = math.exp(min(values["train/ce"], 50.0))
+                if span_corruption:
+                    values["train/neg_log_perplexity"] = -values["train/ce"]
                 values["train/tokens_per_sec"] = tokens_per_step * window_steps / elapsed
                 values["train/mfu"] = flops_per_step * window_steps / elapsed / peak_flops
                 values.update(metric_writer.flatten({"moe": jax.device_get(metrics["moe"])}))

@@ -6,7 +6,7 @@ import pathlib
 import pytest
 from flax import nnx
 
-from moe_jax import model as model_lib
+from moe_jax import model as model_lib, models
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 CONFIG_FILES = sorted(p for p in EXPERIMENTS.glob("*.py") if not p.name.startswith("_"))
@@ -27,10 +27,24 @@ def test_there_are_configs():
 def test_config_builds_with_shapes_only(path):
     module = load(path)
     assert module.__doc__ and "python -m moe_jax.main --config=experiments/" in module.__doc__
-    cfg = module.get_config("")
-    model = nnx.eval_shape(lambda: model_lib.Transformer(cfg.model, rngs=nnx.Rngs(0)))
-    counts = model_lib.count_params(model)
+    counts = param_counts(module.get_config(""))
     assert counts["total"] >= counts["active"] > 0
+
+
+def param_counts(cfg) -> dict:
+    cfg = models.with_family_defaults(cfg)
+    family = models.get(cfg)
+    return family.count_params(nnx.eval_shape(lambda: family.create(cfg.model, nnx.Rngs(0))))
+
+
+@pytest.mark.parametrize("name, arg, paper", [
+    ("t5_base_encdec", "", 223e6), ("switch_base_encdec", "experts=128", 7.4e9),
+    ("switch_large_encdec", "experts=0", 739e6), ("switch_large_encdec", "experts=128", 26.3e9)])
+def test_encoder_decoder_configs_have_the_papers_parameter_counts(name, arg, paper):
+    """T5-Base 223M and T5-Large 739M (§4.1), Switch-Base 7.4B and Switch-Large 26.3B (Table 9), within 2%."""
+    cfg = load(EXPERIMENTS / f"{name}.py").get_config(arg)
+    assert cfg.model.name == "encdec"
+    assert abs(param_counts(cfg)["total"] / paper - 1) < 0.02
 
 
 def test_switch_base_matches_the_paper_sizes():

@@ -113,8 +113,8 @@ def test_train_uses_the_registered_familys_interface(tmp_path, registered, capsy
 
 
 def test_a_family_whose_batch_format_the_data_cannot_build_fails_before_the_run(tmp_path, registered):
-    registered(fake_family(name="spans", batch_format="span_corruption"))
-    with pytest.raises(ValueError, match=r"'span_corruption' batches.*model\.name"):
+    registered(fake_family(name="spans", batch_format="images"))
+    with pytest.raises(ValueError, match=r"'images' batches.*\('lm', 'span_corruption'\).*model\.name"):
         train.train(tiny_run_config(name="spans"), str(tmp_path / "run"), devices=jax.devices()[:1])
     assert not (tmp_path / "run").exists()
 

@@ -1,6 +1,7 @@
 """Exact resume from disk: a training process killed with SIGKILL at a random step after its first checkpoint,
 rerun with the same command in a fresh process, logs exactly (bitwise) the train losses of an uninterrupted
-run at every step, for each data source. (The 2-process x 4-device case is in test_multiprocess.py.)
+run at every step, for each data source and for the encoder-decoder on span corruption. (The 2-process x
+4-device case is in test_multiprocess.py.)
 
 Both runs are the real CLI in subprocesses with the same environment, so they run the same compiled programs;
 they share jax's persistent compilation cache, so only the first launch of each source compiles.
@@ -38,9 +39,13 @@ def write_corpus(directory: pathlib.Path, source: str) -> str:
     return str(path)
 
 
-def command(workdir, source: str, data_path: str):
-    args = [sys.executable, "-m", "moe_jax.main", "--config=experiments/tiny_switch.py", f"--workdir={workdir}",
-            "--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.num_layers=2",
+def command(workdir, source: str, data_path: str, model: str = "decoder"):
+    """The run's argv; model "encdec": t5_tiny_switch (span corruption, MoE in both stacks)."""
+    layers = (["--config.model.num_encoder_layers=2", "--config.model.num_decoder_layers=2"] if model == "encdec"
+              else ["--config.model.num_layers=2"])
+    config = "t5_tiny_switch" if model == "encdec" else "tiny_switch"
+    args = [sys.executable, "-m", "moe_jax.main", f"--config=experiments/{config}.py", f"--workdir={workdir}",
+            "--config.model.d_model=32", "--config.model.d_ff=64", *layers,
             "--config.model.num_heads=2", "--config.model.moe.num_experts=4", "--config.model.moe.dispatcher=index",
             "--config.data.seq_len=32", "--config.data.batch_size=8", f"--config.data.source={source}",
             f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=7",
@@ -89,12 +94,13 @@ def run_killed_at_random_step(args, env, workdir, rng) -> tuple[int, str]:
     return seen, output
 
 
-@pytest.mark.parametrize("source", ["synthetic", "jsonl", "text"])
-def test_sigkill_then_rerun_logs_the_uninterrupted_losses_bitwise(tmp_path, source):
+@pytest.mark.parametrize("source, model", [("synthetic", "decoder"), ("jsonl", "decoder"), ("text", "decoder"),
+                                           ("text", "encdec")])
+def test_sigkill_then_rerun_logs_the_uninterrupted_losses_bitwise(tmp_path, source, model):
     data_path = write_corpus(tmp_path, source) if source != "synthetic" else ""
     env = environment(tmp_path / "compilation_cache")
     straight = tmp_path / "straight"
-    done = subprocess.run(command(straight, source, data_path), env=env, cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run(command(straight, source, data_path, model), env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     expected = dict(logged(straight))
@@ -102,7 +108,7 @@ def test_sigkill_then_rerun_logs_the_uninterrupted_losses_bitwise(tmp_path, sour
 
     rng = random.Random()
     killed = tmp_path / "killed"
-    args = command(killed, source, data_path)
+    args = command(killed, source, data_path, model)
     killed_at, first_output = run_killed_at_random_step(args, env, killed, rng)
     checkpoint = max(finished_checkpoints(killed))
     assert checkpoint >= CHECKPOINT_EVERY
@@ -112,7 +118,7 @@ def test_sigkill_then_rerun_logs_the_uninterrupted_losses_bitwise(tmp_path, sour
     assert f"resuming from the step-{checkpoint} checkpoint" in rerun.stdout, rerun.stdout[-2000:]
 
     rows = logged(killed)
-    context = f"{source}: killed at step {killed_at}, resumed from {checkpoint}"
+    context = f"{source} ({model}): killed at step {killed_at}, resumed from {checkpoint}"
     assert {step for step, _ in rows} == set(range(1, STEPS + 1)), context
     for step, loss in rows:  # steps logged before the kill and again after the resume: all bitwise equal
         assert loss == expected[step], f"{context}: train/loss at step {step} is {loss!r}, uninterrupted " \

@@ -25,11 +25,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from moe_jax.data import packing, sources, synthetic, tokenizers
+from moe_jax.data import packing, sources, span_corruption, synthetic, tokenizers
 
 # The batch formats the pipeline builds; a model family names the one it trains on (`models.get(cfg).batch_format`).
 # "lm": the rows described above (targets are the inputs shifted by one within each document).
-BATCH_FORMATS = ("lm",)
+# "span_corruption": T5's objective (`span_corruption.py`): encoder rows of seq_len and decoder rows of the matching
+#   targets length, examples packed whole with segment ids (`moe_jax.models.encdec.abstract_batch` names the keys).
+BATCH_FORMATS = ("lm", "span_corruption")
 
 def default_config() -> ml_collections.ConfigDict:
     """`data` section of a run config. `source` is one of synthetic | tfds | jsonl | text."""
@@ -52,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_threads = 2  # threads per process: grain read threads (one shard) or shards advanced at once (several)
     c.prefetch = 4  # read-ahead buffer per process: documents (one shard) or batches (several)
     c.num_workers = 0  # >0: grain worker processes (mp_prefetch) for heavy tokenization
+    c.span_corruption = span_corruption.default_config()  # read when the model trains on span corruption
     c.synthetic = ml_collections.ConfigDict(dict(
         num_domains=32, vocab_size=1024, domain_vocab=32, neighborhood=8, order=2, branching=4, mean_length=64.0,
         alpha=1.0, seed=0))
@@ -164,14 +167,20 @@ def _shard_seed(seed: int, shard: int) -> int:
     return seed + 1_000_003 * shard  # shard 0 keeps `seed`: one shard is the plain seeded shuffle
 
 
-def _batches(shards: list[grain.MapDataset], config, layout: _Layout, read: grain.ReadOptions) -> grain.IterDataset:
+def _batches(shards: list[grain.MapDataset], config, layout: _Layout, read: grain.ReadOptions, batch_format: str,
+             corruption_seed: int) -> grain.IterDataset:
     """Endless rows of every local shard, packed separately and concatenated in shard order per batch."""
     tokenizer = tokenizers.make_tokenizer(config)
-    features = packing.LmFeatures(tokenizer.pad_id, with_domains=config.source == "synthetic")
     if len(shards) > 1:  # threads advance whole shards (below) and one thread prefetches batches, not per shard
         read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    streams = [packing.pack(docs.to_iter_dataset(read), config.seq_len).map(features)
-               .batch(layout.rows_per_shard, drop_remainder=True) for docs in shards]
+    if batch_format == "span_corruption":
+        streams = [span_corruption.examples(docs.to_iter_dataset(read), config, tokenizer,
+                                            seed=_shard_seed(corruption_seed, s), rows=layout.rows_per_shard)
+                   for s, docs in zip(range(layout.first, layout.first + layout.local), shards)]
+    else:
+        features = packing.LmFeatures(tokenizer.pad_id, with_domains=config.source == "synthetic")
+        streams = [packing.pack(docs.to_iter_dataset(read), config.seq_len).map(features)
+                   .batch(layout.rows_per_shard, drop_remainder=True) for docs in shards]
     if len(streams) == 1:
         return streams[0]
     return _ConcatenatedShards(streams, num_threads=config.num_threads)
@@ -213,8 +222,8 @@ class _ConcatenatedShardsIterator(grain.DatasetIterator):
 
 
 def check_batch_format(config, batch_format: str) -> None:
-    """ValueError unless this data config builds `batch_format` batches (every data config builds "lm")."""
-    del config  # one format today; span corruption will pick its own from the data config
+    """ValueError unless this data config builds `batch_format` batches (every source builds every format)."""
+    del config
     if batch_format not in BATCH_FORMATS:
         raise ValueError(f"the model trains on {batch_format!r} batches, which the data pipeline does not build "
                          f"(it builds {BATCH_FORMATS}); check model.name")
@@ -234,7 +243,7 @@ def make_train_iterator(config, *, process_index: Optional[int] = None, process_
         shards = [docs.shuffle(seed=_shard_seed(config.seed, s)).repeat(None)
                   for s, docs in zip(range(layout.first, layout.first + layout.local), shards)]
     read = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch)
-    ds = _batches(shards, config, layout, read)
+    ds = _batches(shards, config, layout, read, batch_format, corruption_seed=config.seed)
     if config.num_workers > 0:
         from absl import flags
 
@@ -246,6 +255,9 @@ def make_train_iterator(config, *, process_index: Optional[int] = None, process_
     return iter(ds)
 
 
+_EVAL_CORRUPTION_SEED = 7  # held-out noise masks are the same whatever data.seed
+
+
 def make_eval_batches(config, num_batches: int, *, process_index: Optional[int] = None,
                       process_count: Optional[int] = None, batch_format: str = "lm") -> list[dict]:
     """This process's rows of `num_batches` held-out batches in a fixed order (the same every call, whatever
@@ -254,7 +266,8 @@ def make_eval_batches(config, num_batches: int, *, process_index: Optional[int] 
     layout = _layout(config, process_index, process_count)
     shards = [docs.repeat(None) if config.source != "synthetic" else docs
               for docs in _documents(config, "eval", layout)]
-    batches = _batches(shards, config, layout, grain.ReadOptions(num_threads=0))
+    batches = _batches(shards, config, layout, grain.ReadOptions(num_threads=0), batch_format,
+                       corruption_seed=_EVAL_CORRUPTION_SEED)
     return list(itertools.islice(iter(batches), num_batches))
 
 

@@ -97,3 +97,21 @@ def get(config_or_name: Union[str, Any]) -> ModelFamily:
         raise ValueError(f"model.name={name!r} is reserved for a model family not built yet "
                          f"({MODULES[name].replace('.', '/')}.py); use 'decoder'") from None
     return register(ModelFamily.from_module(name, module))
+
+
+def with_family_defaults(config):
+    """A copy of a run config whose `model` section also has every key of its family's default config that it
+    lacks (existing values kept): `--config.model.name=encdec` on a decoder config gets the encoder-decoder's
+    own keys (layer counts, relative attention) at their defaults, and everything it shares stays as given."""
+    config = config.copy_and_resolve_references()
+    _fill(config.model, get(config).default_config())
+    return config
+
+
+def _fill(section, defaults) -> None:
+    with section.unlocked():
+        for key, value in defaults.items():
+            if key not in section:
+                section[key] = value
+            elif hasattr(value, "items") and hasattr(section[key], "items"):
+                _fill(section[key], value)

@@ -7,7 +7,8 @@ T5.1.1 (Raffel et al. 2020; the v1.1 checkpoints): RMSNorm without bias before e
 positions but a learned relative position bias (`relative_attention_num_buckets` buckets, log-spaced out to
 `relative_attention_max_distance`; bidirectional in the encoder, causal in the decoder; one bias table per
 stack, shared by its layers), gated-GELU MLPs by default, input embedding shared by both stacks and untied
-from the output head. The decoder reads the targets shifted right. Every `moe.encoder_every`-th encoder FFN
+from the output head (`tie_embeddings=True`: T5 v1.0's tied head, applied to the output / sqrt(d_model)).
+The decoder reads the targets shifted right. Every `moe.encoder_every`-th encoder FFN
 and every `moe.decoder_every`-th decoder FFN is an `MoeLayer` (both default to `moe.every`): Switch puts one
 in every other FFN of both stacks. Packed examples: encoder and decoder segment ids keep self- and
 cross-attention inside one example. Decoder routing is causal with the default top-k router; the encoder may
@@ -47,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.relative_attention_max_distance = 128
     c.moe.encoder_every = ml_collections.config_dict.placeholder(int)  # None: moe.every
     c.moe.decoder_every = ml_collections.config_dict.placeholder(int)
+    # Routing group of the decoder stack, whose rows are the shorter targets; None: model.moe.group_size. The
+    # trainer sets it to what fits the decoder's tokens per device (config_validation.decoder_group_size).
+    c.moe.decoder_group_size = ml_collections.config_dict.placeholder(int)
     return c
 
 
@@ -107,7 +111,7 @@ class RelativePositionBias(nnx.Module):
 class EncDecLayer(nnx.Module):
     """x += self_attn(rms(x)) [+ cross_attn(rms(x), encoder output)]; x += ffn(rms(x)), ffn dense or MoE."""
 
-    def __init__(self, cfg, *, cross: bool, moe: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, cross: bool, moe: bool, rngs: nnx.Rngs, group_size: Optional[int] = None):
         dt = layers.dtype("model.dtype", cfg.dtype)
         self.self_norm = layers.rms_norm(cfg.d_model, dt, rngs)
         self.self_attention = layers.Attention(cfg, rngs=rngs)
@@ -116,7 +120,8 @@ class EncDecLayer(nnx.Module):
             self.cross_attention = layers.Attention(cfg, rngs=rngs)
         self.has_cross, self.is_moe = cross, moe
         self.ffn_norm = layers.rms_norm(cfg.d_model, dt, rngs)
-        self.ffn = layers.make_moe_layer(cfg, rngs=rngs) if moe else layers.Mlp(cfg, rngs=rngs)
+        self.ffn = layers.make_moe_layer(_with_group_size(cfg, group_size), rngs=rngs) if moe else layers.Mlp(
+            cfg, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
 
     def _drop(self, x, deterministic):
@@ -139,6 +144,14 @@ class EncDecLayer(nnx.Module):
         return x_BLd + self._drop(h.astype(x_BLd.dtype), deterministic), aux
 
 
+def _with_group_size(cfg, group_size: Optional[int]):
+    if group_size is None:
+        return cfg
+    changed = ml_collections.ConfigDict(cfg.to_dict())  # a copy: ConfigDict(cfg) would share cfg.moe
+    changed.moe.group_size = group_size
+    return ml_collections.FrozenConfigDict(changed)
+
+
 def _stack_aux(auxes: list[dict]) -> dict:
     return {key: jnp.stack([a[key] for a in auxes]) for key in auxes[0]} if auxes else {}
 
@@ -158,11 +171,13 @@ class EncoderDecoder(nnx.Module):
         enc_every, dec_every = moe_every(cfg, "encoder"), moe_every(cfg, "decoder")
         self.encoder_layers = nnx.List([EncDecLayer(cfg, cross=False, moe=moe and (i + 1) % enc_every == 0, rngs=rngs)
                                         for i in range(cfg.num_encoder_layers)])
-        self.decoder_layers = nnx.List([EncDecLayer(cfg, cross=True, moe=moe and (i + 1) % dec_every == 0, rngs=rngs)
+        self.decoder_layers = nnx.List([EncDecLayer(cfg, cross=True, moe=moe and (i + 1) % dec_every == 0, rngs=rngs,
+                                                    group_size=cfg.moe.get("decoder_group_size"))
                                         for i in range(cfg.num_decoder_layers)])
         self.encoder_norm = layers.rms_norm(d, self.dtype, rngs)
         self.decoder_norm = layers.rms_norm(d, self.dtype, rngs)
-        self.unembedding = layers.kernel(rngs, (d, V), ("embed", "vocab"), scale=cfg.init_scale)
+        if not cfg.tie_embeddings:
+            self.unembedding = layers.kernel(rngs, (d, V), ("embed", "vocab"), scale=cfg.init_scale)
 
     def encode(self, tokens_BL, *, segment_ids=None, positions=None, deterministic=False):
         """-> (encoded [B, L, d], aux of the encoder's MoE layers)."""
@@ -199,8 +214,12 @@ class EncoderDecoder(nnx.Module):
             x_BLd, aux = layer(x_BLd, **kwargs)
             auxes += [aux] if aux else []
         x_BLd = self.decoder_norm(x_BLd)
-        logits = jnp.einsum("BLd,dV->BLV", x_BLd, self.unembedding[...].astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        if self.config.tie_embeddings:  # T5 v1.0: the shared embedding as the head, on x / sqrt(d_model)
+            logits = jnp.einsum("BLd,Vd->BLV", x_BLd * self.config.d_model ** -0.5,
+                                self.embedding[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("BLd,dV->BLV", x_BLd, self.unembedding[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32), {"encoder": encoder_aux, "decoder": _stack_aux(auxes)}
 
 
@@ -231,9 +250,9 @@ def abstract_batch(batch_size: int, seq_len: int, batch_sharding=None, *, data_c
     length (`span_corruption.input_and_target_lengths`)."""
     from moe_jax.data import span_corruption
 
-    density = data_config.get("noise_density", 0.15) if data_config is not None else 0.15
-    span = data_config.get("mean_noise_span_length", 3.0) if data_config is not None else 3.0
-    _, targets_length = span_corruption.input_and_target_lengths(seq_len, density, span)
+    sc = data_config.span_corruption if data_config is not None else span_corruption.default_config()
+    _, targets_length = span_corruption.input_and_target_lengths(seq_len, sc.noise_density,
+                                                                 sc.mean_noise_span_length)
     spec = lambda length, dtype: jax.ShapeDtypeStruct((batch_size, length), dtype, sharding=batch_sharding)
     batch = {f"encoder_{k}": spec(seq_len, jnp.int32) for k in ("inputs", "segment_ids", "positions")}
     batch.update({f"decoder_{k}": spec(targets_length, jnp.int32) for k in ("inputs", "targets", "segment_ids",
@@ -248,13 +267,25 @@ def count_params(model: EncoderDecoder) -> dict:
 
 
 def flops_per_token(model: EncoderDecoder, seq_len: int) -> float:
-    """6 x active non-embedding parameters (+ the output projection) + attention, per token; an estimate: the
-    encoder and the decoder see different numbers of tokens, counted here as if both saw `seq_len`."""
+    """Training FLOPs per encoder token (the trainer counts `seq_len` tokens per row): 6 x the encoder's active
+    parameters, plus 6 x the decoder's and the output head's for the L_dec / seq_len decoder tokens per encoder
+    token, plus attention (self over each stack's own length, cross from L_dec queries to seq_len keys). L_dec
+    is the targets length of T5's default 15% noise, mean span 3."""
+    from moe_jax.data import span_corruption
+
     cfg = model.config
-    counts = count_params(model)
-    layers_total = cfg.num_encoder_layers + 2 * cfg.num_decoder_layers  # decoder: self + cross attention
-    attention = 12 * layers_total * cfg.num_heads * layers.head_dim(cfg) * seq_len
-    return float(6 * (counts["active_non_embedding"] + cfg.d_model * cfg.vocab_size) + attention)
+    _, decoder_length = span_corruption.input_and_target_lengths(seq_len)
+    share = decoder_length / seq_len
+    moe = cfg.moe
+
+    def active(stack):
+        return layers.count_params(stack, k=moe.k, num_experts=moe.num_experts)["active"]
+
+    width = cfg.num_heads * layers.head_dim(cfg)
+    attention = 12 * width * (cfg.num_encoder_layers * seq_len
+                              + cfg.num_decoder_layers * share * (decoder_length + seq_len))
+    return float(6 * (active(model.encoder_layers) + share * (active(model.decoder_layers)
+                                                              + cfg.d_model * cfg.vocab_size)) + attention)
 
 
 def describe(cfg) -> str:
