@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +180,28 @@ def apply_experts(
     return _expert_parallel(local, x_GSd, routing, experts)
 
 
+def computed_rows(name: str, routing: Routing, *, grouped_matmul: Optional[str] = None,
+                  block_size: int = 64) -> Array:
+    """Rows the expert FFNs run over for `routing` (a float32 scalar; goodput.py's denominator).
+
+    einsum / index: every slot, E * G * C. dropless: 'ragged' the kept assignments; 'blocks' the E dense
+    parts of A/E rows plus each expert's overflow in whole blocks (as `_expert_major_rows` lays them out,
+    counted as on one device).
+    """
+    check_dispatcher(name)
+    E = routing.num_experts
+    if name != "dropless":
+        return jnp.float32(E * routing.num_groups * routing.buffer_size)
+    kept = jnp.sum(routing.kept)
+    if (grouped_matmul or default_grouped_matmul()) == "ragged":
+        return kept.astype(jnp.float32)
+    base = routing.expert_index.size // E
+    counts_E = jnp.zeros((E,), jnp.int32).at[routing.expert_index.reshape(-1)].add(
+        routing.kept.reshape(-1).astype(jnp.int32))
+    padded_E = -(-jnp.maximum(counts_E - base, 0) // block_size) * block_size
+    return (E * base + jnp.sum(padded_E)).astype(jnp.float32)
+
+
 def default_grouped_matmul() -> str:
     """'ragged' (jax.lax.ragged_dot) on TPU / GPU, 'blocks' on CPU where ragged_dot is dense over groups."""
     return "blocks" if jax.default_backend() == "cpu" else "ragged"
@@ -254,31 +276,128 @@ def _through_experts(experts, x_ENd, exchange: Optional[str]):
 
 
 def _einsum_dispatch(x_GSd, routing, experts, transport_dtype):
-    num_groups, _, d = x_GSd.shape
+    with jax.named_scope("moe_dispatch"):  # the one-hot tensor's einsum
+        stages = einsum_stages(x_GSd.shape, routing, experts, transport_dtype)
+    return _run_stages(stages, x_GSd)
+
+
+def einsum_stages(shape_GSd, routing, experts, transport_dtype=None) -> "Stages":
+    """The einsum dispatcher as stages: one-hot dispatch einsum -> experts -> one-hot combine einsum."""
+    num_groups, _, d = shape_GSd
     E, C = routing.num_experts, routing.buffer_size
-    td = x_GSd.dtype if transport_dtype is None else transport_dtype
-    dispatch_GSEC = routing.dispatch_mask().astype(td)
+    dispatch_GSEC = routing.dispatch_mask()
+
     # Expert parallelism: groups arrive sharded over ('data', 'expert'); the experts' inputs must sit with
     # their weights, E over 'expert'. Pinning the buffer first where its tokens are (dispatch einsum local to
     # each device), then by expert, makes that re-layout one all-to-all; the reverse pair brings the outputs
     # back so the combine einsum is local too. With only the expert-side pin XLA all-gathers the dispatch
     # tensor and all-reduces the combined [G, S, d] activations instead (seen in the pod dry run's HLO).
     # All four pins are no-ops without a mesh.
-    x_EGCd = jnp.einsum("GSEC,GSd->EGCd", dispatch_GSEC, x_GSd.astype(td))
-    x_EGCd = sharding.constrain(sharding.constrain(x_EGCd, TOKEN_BUFFER_AXES), EXPERT_BUFFER_AXES)
-    x_ENd = x_EGCd.reshape(E, num_groups * C, d)
-    y_ENd = experts(x_ENd)
-    y_EGCd = sharding.constrain(y_ENd.reshape(E, num_groups, C, d), EXPERT_BUFFER_AXES)
-    y_EGCd = sharding.constrain(y_EGCd, TOKEN_BUFFER_AXES)
-    if routing.num_choices == 1:
-        # One choice per token: read back with the 0/1 dispatch tensor and weight per token. Same numbers as
-        # the combine tensor, but the weight gradient is a [G, S] product instead of a third GSEC einsum.
-        y_GSd = jnp.einsum("GSEC,EGCd->GSd", dispatch_GSEC, y_EGCd.astype(td), preferred_element_type=jnp.float32)
-        y_GSd = y_GSd * routing.weight[..., 0, None]
-    else:
-        combine_GSEC = routing.combine_tensor().astype(td)
-        y_GSd = jnp.einsum("GSEC,EGCd->GSd", combine_GSEC, y_EGCd.astype(td), preferred_element_type=jnp.float32)
-    return y_GSd.astype(x_GSd.dtype)
+    def send(x_GSd):
+        td = x_GSd.dtype if transport_dtype is None else transport_dtype
+        x_EGCd = jnp.einsum("GSEC,GSd->EGCd", dispatch_GSEC.astype(td), x_GSd.astype(td))
+        x_EGCd = sharding.constrain(sharding.constrain(x_EGCd, TOKEN_BUFFER_AXES), EXPERT_BUFFER_AXES)
+        return x_EGCd.reshape(E, num_groups * C, d)
+
+    def combine(y_ENd, dtype):
+        td = dtype if transport_dtype is None else transport_dtype
+        y_EGCd = sharding.constrain(y_ENd.reshape(E, num_groups, C, d), EXPERT_BUFFER_AXES)
+        y_EGCd = sharding.constrain(y_EGCd, TOKEN_BUFFER_AXES).astype(td)
+        if routing.num_choices == 1:
+            # One choice per token: read back with the 0/1 dispatch tensor and weight per token. Same numbers as
+            # the combine tensor, but the weight gradient is a [G, S] product instead of a third GSEC einsum.
+            y_GSd = jnp.einsum("GSEC,EGCd->GSd", dispatch_GSEC.astype(td), y_EGCd, preferred_element_type=jnp.float32)
+            y_GSd = y_GSd * routing.weight[..., 0, None]
+        else:
+            y_GSd = jnp.einsum("GSEC,EGCd->GSd", routing.combine_tensor().astype(td), y_EGCd,
+                               preferred_element_type=jnp.float32)
+        return y_GSd.astype(dtype)
+
+    return Stages(send=send, compute=experts, combine=combine)
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Stages:
+    """One dispatcher as its three steps, for a fixed Routing (benchmarks/layer_breakdown.py times each):
+
+      send(x_GSd) -> expert buffer        (the dispatch: one-hot einsum or gather)
+      compute(buffer) -> buffer           (the expert matmuls, with any all-to-all around them)
+      combine(buffer, dtype) -> y_GSd     (back to token order, weighted by the combine weights)
+    """
+
+    send: Callable
+    compute: Callable
+    combine: Callable
+
+
+def _run_stages(stages: Stages, x_GSd):
+    # Named scopes let program_costs (the dry run) split the step's FLOPs by stage, backward included.
+    with jax.named_scope("moe_dispatch"):
+        x_buffer = stages.send(x_GSd)
+    with jax.named_scope("moe_experts"):
+        y_buffer = stages.compute(x_buffer)
+    with jax.named_scope("moe_combine"):
+        return stages.combine(y_buffer, x_GSd.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BufferRows:
+    """Where every (token, choice) assignment sits in a flat expert buffer of R rows, both ways round.
+
+    row_of_assignment [A] int32: its row, R where the assignment is not kept (A = G*S*K, flat (g, s, k)).
+    assignment_of_row [R] int32: the assignment in each row, A where the row is empty.
+    Each kept assignment has its own row, so the two maps are inverse permutations on the kept rows, and
+    moving rows either way is a gather whose transpose is the gather the other way (no scatter-add in the
+    backward pass, which XLA:CPU runs as a serial loop).
+    """
+
+    row_of_assignment: Array
+    assignment_of_row: Array
+    shape_GSK: tuple = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def of(cls, row_GSK: Array, num_rows: int) -> "BufferRows":
+        """From each assignment's row ([G, S, K]; `num_rows` where not kept)."""
+        row_A = row_GSK.reshape(-1).astype(jnp.int32)
+        num_assignments = row_A.size
+        assignment_of_row = jnp.full((num_rows,), num_assignments, jnp.int32).at[row_A].set(
+            jnp.arange(num_assignments, dtype=jnp.int32), mode="drop", unique_indices=True)
+        return cls(row_A, assignment_of_row, tuple(row_GSK.shape))
+
+    def to_buffer(self, x_GSd: Array) -> Array:
+        """[G, S, d] -> [R, d]: each row gets its assignment's token (zeros in empty rows)."""
+        G, S, K = self.shape_GSK
+        x_Ad = jnp.broadcast_to(x_GSd[:, :, None, :], (G, S, K, x_GSd.shape[-1])).reshape(G * S * K, -1)
+        return _move_rows(x_Ad, self.assignment_of_row, self.row_of_assignment)
+
+    def to_tokens(self, y_Rd: Array, weight_GSK: Array, dtype) -> Array:
+        """[R, d] -> [G, S, d]: sum over k of weight[g, s, k] * the row of assignment (g, s, k) (0 if dropped)."""
+        y_GSKd = _move_rows(y_Rd, self.row_of_assignment, self.assignment_of_row).reshape(
+            *self.shape_GSK, y_Rd.shape[-1])
+        return jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), weight_GSK).astype(dtype)
+
+
+@jax.custom_vjp
+def _move_rows(src_Nd, source_of_M, target_of_N):
+    """out[m] = src[source_of_M[m]] (0 where out of range). `target_of_N` is the inverse map (N for none)
+    of an injective source_of_M, so the transpose is the gather d_src[n] = d_out[target_of_N[n]]."""
+    return src_Nd.at[source_of_M].get(mode="fill", fill_value=0)
+
+
+def _move_rows_fwd(src_Nd, source_of_M, target_of_N):
+    return _move_rows(src_Nd, source_of_M, target_of_N), (source_of_M, target_of_N)
+
+
+def _move_rows_bwd(residuals, d_out_Md):
+    source_of_M, target_of_N = residuals
+    return d_out_Md.at[target_of_N].get(mode="fill", fill_value=0), None, None
+
+
+_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
 # --------------------------------------------------------------------------------------------- index
@@ -287,25 +406,22 @@ def _einsum_dispatch(x_GSd, routing, experts, transport_dtype):
 def _index_dispatch(x_GSd, routing, experts):
     """The [E, G*C, d] buffer by gathers; under `_expert_parallel` (experts holds E / ep of them) the buffer
     is exchanged with the experts' devices."""
-    num_groups, group_size, d = x_GSd.shape
-    E, C, K = routing.num_experts, routing.buffer_size, routing.num_choices
+    return _run_stages(index_stages(x_GSd.shape, routing, experts), x_GSd)
+
+
+def index_stages(shape_GSd, routing, experts) -> "Stages":
+    """The index dispatcher as stages: slot rows -> gather into [E, G*C, d] -> experts -> gather back."""
+    num_groups, group_size, d = shape_GSd
+    E, C = routing.num_experts, routing.buffer_size
     num_rows = num_groups * C  # N
-    num_tokens = num_groups * group_size
     # Row of every assignment in the flat buffer [E * N]; E * N (out of range) where dropped.
     g_GSK = jnp.arange(num_groups, dtype=jnp.int32)[:, None, None]
     row_GSK = routing.expert_index * num_rows + g_GSK * C + routing.slot
-    row_GSK = jnp.where(routing.kept, row_GSK, E * num_rows)
-    token_GSK = jnp.broadcast_to(
-        jnp.arange(num_tokens, dtype=jnp.int32).reshape(num_groups, group_size, 1), row_GSK.shape)
-    # Slot -> token (num_tokens, out of range, marks an empty slot); no slot is used twice.
-    token_of_row = jnp.full((E * num_rows,), num_tokens, jnp.int32).at[row_GSK.reshape(-1)].set(
-        token_GSK.reshape(-1), mode="drop", unique_indices=True)
-    x_Td = x_GSd.reshape(num_tokens, d)
-    x_ENd = x_Td.at[token_of_row].get(mode="fill", fill_value=0).reshape(E, num_rows, d)
-    y_ENd = _through_experts(experts, x_ENd, None if experts.num_experts == E else EXPERT_AXIS)
-    y_GSKd = y_ENd.reshape(E * num_rows, d).at[row_GSK].get(mode="fill", fill_value=0)
-    y_GSd = jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), routing.weight)
-    return y_GSd.astype(x_GSd.dtype)
+    rows = BufferRows.of(jnp.where(routing.kept, row_GSK, E * num_rows), E * num_rows)
+    exchange = None if experts.num_experts == E else EXPERT_AXIS
+    return Stages(send=lambda x_GSd: rows.to_buffer(x_GSd).reshape(E, num_rows, d),
+                  compute=lambda x_ENd: _through_experts(experts, x_ENd, exchange),
+                  combine=lambda y_ENd, dtype: rows.to_tokens(y_ENd.reshape(E * num_rows, d), routing.weight, dtype))
 
 
 # --------------------------------------------------------------------------------------------- dropless
@@ -356,26 +472,25 @@ def _dropless_dispatch(x_GSd, routing, experts, grouped_matmul, block_size, dens
     imbalance, plus at most E * (block_size - 1) padding rows. `dense_rows` overrides A/E (the expected
     rows per expert when most assignments are empty padding, as in `_dropless_expert_parallel`).
     """
+    return _run_stages(dropless_stages(x_GSd.shape, routing, experts, grouped_matmul, block_size, dense_rows),
+                       x_GSd)
+
+
+def dropless_stages(shape_GSd, routing, experts, grouped_matmul, block_size, dense_rows=None) -> "Stages":
+    """The dropless dispatcher as stages: expert-major rows -> gather -> grouped matmul -> gather back."""
     if grouped_matmul not in ("ragged", "blocks"):
         raise ValueError(f"grouped_matmul must be 'ragged' or 'blocks', got {grouped_matmul!r}")
-    num_groups, group_size, d = x_GSd.shape
-    num_tokens = num_groups * group_size
     E = routing.num_experts
     base = 0 if grouped_matmul == "ragged" else routing.expert_index.size // E if dense_rows is None else dense_rows
     block = 1 if grouped_matmul == "ragged" else block_size
     row_GSK, over_E, padded_E, num_rows = _expert_major_rows(routing, block, base)
-    token_GSK = jnp.broadcast_to(
-        jnp.arange(num_tokens, dtype=jnp.int32).reshape(num_groups, group_size, 1), row_GSK.shape)
-    token_of_row = jnp.full((num_rows,), num_tokens, jnp.int32).at[row_GSK.reshape(-1)].set(
-        token_GSK.reshape(-1), mode="drop", unique_indices=True)
-    x_Rd = x_GSd.reshape(num_tokens, d).at[token_of_row].get(mode="fill", fill_value=0)
+    rows = BufferRows.of(row_GSK, num_rows)
     if grouped_matmul == "ragged":
-        y_Rd = _ragged_grouped(x_Rd, over_E, experts)
+        compute = lambda x_Rd: _ragged_grouped(x_Rd, over_E, experts)
     else:
-        y_Rd = _dense_and_block_grouped(x_Rd, base, padded_E, experts, block_size)
-    y_GSKd = y_Rd.at[row_GSK].get(mode="fill", fill_value=0)
-    y_GSd = jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), routing.weight)
-    return y_GSd.astype(x_GSd.dtype)
+        compute = lambda x_Rd: _dense_and_block_grouped(x_Rd, base, padded_E, experts, block_size)
+    return Stages(send=rows.to_buffer, compute=compute,
+                  combine=lambda y_Rd, dtype: rows.to_tokens(y_Rd, routing.weight, dtype))
 
 
 def _dropless_expert_parallel(x_GSd, routing, experts, grouped_matmul, block_size):

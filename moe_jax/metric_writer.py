@@ -94,7 +94,8 @@ class MetricWriter:
             self._tensorboard.close()
 
 
-_TRAIN_CONSOLE_KEYS = ("train/loss", "train/accuracy", "train/tokens_per_sec", "train/mfu", "moe/dropped_fraction")
+_TRAIN_CONSOLE_KEYS = ("train/loss", "train/accuracy", "train/tokens_per_sec", "train/mfu", "moe/dropped_fraction",
+                       "train/goodput", "train/expert_padding_share", "train/expert_lost_share")
 _EVAL_CONSOLE_KEYS = ("eval/loss", "eval/ce", "eval/accuracy", "eval/gap_to_floor")
 
 

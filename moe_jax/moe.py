@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax import dispatch, routers, routing
+from moe_jax import dispatch, goodput, routers, routing
 
 Array = jax.Array
 
@@ -151,7 +151,9 @@ class MoeLayer(nnx.Module):
         Returns:
           y and aux, a dict of float32 arrays (unscaled): `load_balancing_loss`, `router_z_loss`,
           `dropped_fraction`, `expert_load` [E], `load_cv`, `router_entropy`, `top1_prob`,
-          `router_max_logit` (largest |logit|), and for noisy_top_k `importance_loss`, `load_loss`.
+          `router_max_logit` (largest |logit|), the expert rows of goodput.py (`expert_rows_computed`,
+          `expert_rows_useful`, `expert_rows_lost`, `expert_row_flops`), and for noisy_top_k `importance_loss`,
+          `load_loss`.
         """
         B, L, d = x_BLd.shape
         deterministic = deterministic or decode
@@ -167,7 +169,8 @@ class MoeLayer(nnx.Module):
         if dispatch.is_dropless(self.dispatcher):
             capacity = None
 
-        route, probs_GSE, losses = self._route(x_GSd, mask_GS, token_ids, capacity, deterministic)
+        with jax.named_scope("moe_router"):  # program_costs.MOE_SCOPES
+            route, probs_GSE, losses = self._route(x_GSd, mask_GS, token_ids, capacity, deterministic)
         if replay is not None:
             index_BLK, weight_BLK = replay
             K = index_BLK.shape[-1]
@@ -186,6 +189,8 @@ class MoeLayer(nnx.Module):
 
         aux = dict(losses)
         aux.update(routing.routing_metrics(route, probs_GSE, mask_GS))
+        aux.update(goodput.layer_rows(self.dispatcher, route, mask_GS, self.k, row_flops=goodput.row_flops(
+            d, self.d_ff, self.activation in ("swiglu", "geglu"))))
         if return_routing:
             K = route.expert_index.shape[-1]
             aux["expert_index"] = route.expert_index.reshape(B, L, K).astype(jnp.int32)

@@ -60,30 +60,53 @@ def matmul_flops(jaxpr) -> float:
     `while` body once (its trip count is not static). Everything else that holds a jaxpr (pjit, remat,
     custom_vjp, ...) is entered once.
     """
+    return sum(flops for flops, _ in _matmul_terms(jaxpr, ""))
+
+
+# The jax.named_scope names the MoE layer runs its parts under (moe.py, dispatch.py); transposes keep them.
+MOE_SCOPES = ("moe_router", "moe_dispatch", "moe_experts", "moe_combine")
+
+
+def matmul_flops_by_scope(jaxpr, scopes=MOE_SCOPES) -> dict:
+    """`matmul_flops` split by the first of `scopes` in each matmul's name stack (forward and backward alike);
+    the rest under "other"."""
+    out = dict.fromkeys((*scopes, "other"), 0.0)
+    for flops, stack in _matmul_terms(jaxpr, ""):
+        out[next((scope for scope in scopes if scope in stack), "other")] += flops
+    return out
+
+
+def _matmul_terms(jaxpr, prefix):
+    """(FLOPs, name stack) of each matmul, times how often it runs (see `matmul_flops`)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
+        stack = f"{prefix}/{eqn.source_info.name_stack}"
         if name == "dot_general":
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract)
+            yield 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract), stack
         elif name == "ragged_dot":  # [m, k] x [g, k, n]: each row meets one group
             m, k = eqn.invars[0].aval.shape[-2:]
-            total += 2.0 * m * k * eqn.invars[1].aval.shape[-1]
+            yield 2.0 * m * k * eqn.invars[1].aval.shape[-1], stack
         elif name == "scan":
-            total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"])
+            yield from _scaled(eqn.params["length"], _matmul_terms(eqn.params["jaxpr"], stack))
         elif name == "cond":
-            total += max(matmul_flops(b) for b in eqn.params["branches"])
+            branches = [list(_matmul_terms(b, stack)) for b in eqn.params["branches"]]
+            yield from max(branches, key=lambda terms: sum(f for f, _ in terms))
         elif name == "shard_map":
             shards = math.prod(eqn.params["mesh"].shape[a] for a in eqn.params["newly_manual_axes"])
-            total += shards * matmul_flops(eqn.params["jaxpr"])
+            yield from _scaled(shards, _matmul_terms(eqn.params["jaxpr"], stack))
         else:
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (tuple, list)) else (value,):
                     if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
-                        total += matmul_flops(sub)
-    return total
+                        yield from _matmul_terms(sub, stack)
+
+
+def _scaled(times, terms):
+    for flops, stack in terms:
+        yield times * flops, stack
 
 
 # --------------------------------------------------------------------------------------------- HLO

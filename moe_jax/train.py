@@ -25,7 +25,7 @@ from etils import epath
 from flax import nnx
 
 from moe_jax import checkpoint as checkpoint_lib
-from moe_jax import chips, config_validation, data, metric_writer, models, moe as moe_lib, sharding
+from moe_jax import chips, config_validation, data, goodput, metric_writer, models, moe as moe_lib, sharding
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
                 values["train/tokens_per_sec"] = tokens_per_step * window_steps / elapsed
                 values["train/mfu"] = flops_per_step * window_steps / elapsed / peak_flops
                 values.update(metric_writer.flatten({"moe": jax.device_get(metrics["moe"])}))
+                values.update({f"train/{k}": v for k, v in goodput.step_split(jax.device_get(metrics["moe"])).items()})
                 writer.write(step, values)
                 writer.progress(step, values, elapsed / window_steps)
                 last.update(values)
