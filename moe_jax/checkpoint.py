@@ -183,10 +183,13 @@ class Checkpointer:
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore_step(self, step: int, abstract_state: Any, data_iterator: Optional[grain.DatasetIterator] = None):
-        """Restore checkpoint `step` exactly (no fallback); returns (step, state). CheckpointError if unreadable."""
+        """Restore checkpoint `step` exactly (no fallback); returns (step, state). CheckpointError if unreadable.
+
+        A checkpoint saved without a data position (an imported model, moe_jax.convert) leaves the iterator
+        at its start."""
         abstract_state = jax.tree.map(_as_abstract, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        if data_iterator is not None and (self.directory / str(step) / "data_iter").exists():
             items["data_iter"] = DataIteratorRestore(data_iterator)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))

@@ -57,6 +57,8 @@ class MoeLayer(nnx.Module):
       min_capacity: lower bound on slots per expert per group.
       activation: 'relu' | 'gelu' | 'swiglu' | 'geglu'.
       num_shared_experts: always-on dense FFNs of width d_ff added to the routed output.
+      shared_d_ff: the shared experts' total hidden width (None: num_shared_experts * d_ff).
+      shared_expert_gate: scale the shared experts' output by sigmoid(x w_gate), w_gate [d, 1] (Qwen2-MoE).
       init_scale: Switch init scale (std = sqrt(init_scale / fan_in)) for experts and router.
       jitter: multiplicative router-input jitter U(1 - jitter, 1 + jitter) in training.
       expert_dropout: dropout on the experts' hidden units; dropout: on the layer output.
@@ -72,7 +74,7 @@ class MoeLayer(nnx.Module):
                  expert_dropout: float = 0.0, dropout: float = 0.0, normalize: bool = False,
                  batch_prioritized: bool = False, vocab_size: Optional[int] = None,
                  bias_update_rate: float = 1e-3, router_dtype=jnp.float32, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 shared_d_ff: Optional[int] = None, shared_expert_gate: bool = False, rngs: nnx.Rngs):
         spec = routers.get(router)
         dispatch.check_dispatcher(dispatcher)
         dispatch.check_activation(activation)
@@ -116,11 +118,13 @@ class MoeLayer(nnx.Module):
         self.num_shared_experts = num_shared_experts
         if num_shared_experts:
             # n shared FFNs of width f summed == one FFN of width n * f.
-            fs = num_shared_experts * f
+            fs = num_shared_experts * f if shared_d_ff is None else shared_d_ff
             self.shared_wi = _switch_init(rngs, (d, fs), ("embed", "mlp"), init_scale)
             self.shared_wi_gate = (_switch_init(rngs, (d, fs), ("embed", "mlp"), init_scale)
                                    if gated else nnx.data(None))
             self.shared_wo = _switch_init(rngs, (fs, d), ("mlp", "embed"), init_scale)
+            if shared_expert_gate:
+                self.shared_gate = _switch_init(rngs, (d, 1), ("embed", None), init_scale)
 
         self.output_dropout = nnx.Dropout(dropout, rngs=rngs)
         needs_rng = jitter > 0 or expert_dropout > 0 or spec.draws_rng
@@ -215,7 +219,11 @@ class MoeLayer(nnx.Module):
             wi_gate=None if self.shared_wi_gate is None else self.shared_wi_gate[...][None],
             activation=self.activation, dtype=dt)
         G, S, d = x_GSd.shape
-        return shared(x_GSd.reshape(1, G * S, d)).reshape(G, S, d)
+        y_GSd = shared(x_GSd.reshape(1, G * S, d)).reshape(G, S, d)
+        if hasattr(self, "shared_gate"):
+            gate_GS1 = jnp.einsum("GSd,de->GSe", x_GSd, self.shared_gate[...].astype(dt))
+            y_GSd = y_GSd * jax.nn.sigmoid(gate_GS1.astype(jnp.float32)).astype(y_GSd.dtype)
+        return y_GSd
 
     # ----------------------------------------------------------------------------------------- balancing
 

@@ -55,6 +55,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.remat = "none"  # none | full (save nothing) | a jax.checkpoint_policies name, e.g. "dots_saveable"
     c.dropout = 0.0
     c.rope_theta = 10_000.0
+    # Options of imported architectures (moe_jax.convert); the defaults are the original model's.
+    c.num_kv_heads = config_dict.placeholder(int)  # None: num_heads; fewer: grouped-query attention
+    c.qk_norm = "none"  # none | head (RMSNorm per head, Qwen3-MoE) | projection (whole q/k projection, OLMoE)
+    c.qkv_bias = False  # biases on the q, k, v projections (Qwen2-MoE)
+    c.norm_eps = layers.DEFAULT_NORM_EPS  # of every RMSNorm
 
     c.moe = ml_collections.ConfigDict()
     c.moe.num_experts = 0  # 0: dense baseline
@@ -73,6 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.moe.jitter = 0.0
     c.moe.router_dtype = "float32"
     c.moe.num_shared_experts = 0
+    c.moe.d_ff = config_dict.placeholder(int)  # the routed experts' hidden width; None: model.d_ff
+    c.moe.shared_d_ff = config_dict.placeholder(int)  # the shared experts' total width; None: num_shared x d_ff
+    c.moe.shared_expert_gate = False  # shared output x sigmoid(x w), w [d, 1] (Qwen2-MoE)
     c.moe.expert_dropout = 0.0
     c.moe.normalize = False
     c.moe.batch_prioritized = False
@@ -108,9 +116,10 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, cfg, *, moe: bool, rngs: nnx.Rngs):
         dt = layers.dtype("model.dtype", cfg.dtype)
-        self.attention_norm = layers.rms_norm(cfg.d_model, dt, rngs)
+        eps = layers.norm_eps(cfg)
+        self.attention_norm = layers.rms_norm(cfg.d_model, dt, rngs, eps=eps)
         self.attention = Attention(cfg, rngs=rngs)
-        self.ffn_norm = layers.rms_norm(cfg.d_model, dt, rngs)
+        self.ffn_norm = layers.rms_norm(cfg.d_model, dt, rngs, eps=eps)
         self.is_moe = moe
         self.ffn = make_moe_layer(cfg, rngs=rngs) if moe else Mlp(cfg, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
@@ -183,7 +192,7 @@ class Transformer(nnx.Module):
             return Block(cfg, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = layers.rms_norm(d, self.dtype, rngs)
+        self.final_norm = layers.rms_norm(d, self.dtype, rngs, eps=layers.norm_eps(cfg))
         remat, self._remat_policy = layers.remat_policy(cfg.remat)
         self._remat = remat
 
@@ -236,9 +245,10 @@ class Transformer(nnx.Module):
         return self._logits(x_BLd), aux
 
     def init_cache(self, batch_size: int, length: int) -> tuple[Array, Array]:
-        """An empty KV cache for `decode`: (keys, values) [blocks, layers per block, B, T, H, k] zeros."""
+        """An empty KV cache for `decode`: (keys, values) [blocks, layers per block, B, T, Hkv, k] zeros."""
         cfg = self.config
-        shape = (num_blocks(cfg), layers_per_block(cfg), batch_size, length, cfg.num_heads, layers.head_dim(cfg))
+        shape = (num_blocks(cfg), layers_per_block(cfg), batch_size, length, layers.num_kv_heads(cfg),
+                 layers.head_dim(cfg))
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
     def decode(self, inputs: Array, *, positions_BL: Array, mask_B1LT: Array, padding_mask_BL: Array,

@@ -26,6 +26,9 @@ Array = jax.Array
 
 ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "head": RMSNorm of each head's query and key (Qwen3-MoE); "projection": over the whole projection (OLMoE)
+QK_NORMS = ("none", "head", "projection")
+DEFAULT_NORM_EPS = 1e-6  # nnx.RMSNorm's default
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
 
@@ -55,6 +58,18 @@ def head_dim(cfg) -> int:
     return cfg.d_model // cfg.num_heads
 
 
+def num_kv_heads(cfg) -> int:
+    """Key/value heads: `model.num_kv_heads` (grouped-query attention), None: one per query head."""
+    value = cfg.get("num_kv_heads")
+    return cfg.num_heads if value is None else int(value)
+
+
+def expert_d_ff(cfg) -> int:
+    """The routed experts' hidden width: `model.moe.d_ff`, None: `model.d_ff` (the dense MLPs' width)."""
+    value = cfg.moe.get("d_ff")
+    return cfg.d_ff if value is None else int(value)
+
+
 def is_moe(cfg) -> bool:
     return cfg.moe.num_experts > 0
 
@@ -81,6 +96,13 @@ def validate_config(cfg) -> None:
     remat_policy(cfg.remat)
     if head_dim(cfg) % 2:
         raise ValueError(f"head dim {head_dim(cfg)} must be even for rotary positions (model.head_dim)")
+    kv_heads = num_kv_heads(cfg)
+    if not (isinstance(kv_heads, int) and kv_heads > 0 and cfg.num_heads % kv_heads == 0):
+        raise ValueError(f"model.num_kv_heads={kv_heads!r} must be a positive divisor of model.num_heads="
+                         f"{cfg.num_heads} (grouped-query attention)")
+    choice("model.qk_norm", cfg.get("qk_norm", "none"), QK_NORMS)
+    if not cfg.get("norm_eps", DEFAULT_NORM_EPS) > 0:
+        raise ValueError(f"model.norm_eps={cfg.norm_eps} must be > 0")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout={cfg.dropout} must be in [0, 1)")
     if not cfg.init_scale > 0:
@@ -91,6 +113,12 @@ def validate_config(cfg) -> None:
         dtype("model.moe.router_dtype", cfg.moe.router_dtype)
         choice("model.moe.router", cfg.moe.router, routers.NAMES)
         choice("model.moe.dispatcher", cfg.moe.dispatcher, dispatch.DISPATCHERS)
+        if cfg.moe.get("d_ff") is not None and not (isinstance(cfg.moe.d_ff, int) and cfg.moe.d_ff > 0):
+            raise ValueError(f"model.moe.d_ff={cfg.moe.d_ff!r} must be a positive integer (None: model.d_ff)")
+        if cfg.moe.get("shared_d_ff") is not None and not (
+                isinstance(cfg.moe.shared_d_ff, int) and cfg.moe.shared_d_ff > 0 and cfg.moe.num_shared_experts):
+            raise ValueError(f"model.moe.shared_d_ff={cfg.moe.shared_d_ff!r} must be a positive integer and needs "
+                             f"model.moe.num_shared_experts > 0")
         if not 1 <= cfg.moe.k <= cfg.moe.num_experts:
             raise ValueError(f"model.moe.k={cfg.moe.k} must be in [1, model.moe.num_experts="
                              f"{cfg.moe.num_experts}]")
@@ -119,9 +147,14 @@ def embedding(rngs: nnx.Rngs, vocab_size: int, d_model: int) -> nnx.Param:
                      eager_sharding=False)
 
 
-def rms_norm(d_model: int, dtype, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    return nnx.RMSNorm(d_model, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-                       scale_metadata={"out_sharding": ("embed",), "eager_sharding": False})
+def rms_norm(d_model: int, dtype, rngs: nnx.Rngs, *, eps: float = DEFAULT_NORM_EPS,
+             names=("embed",)) -> nnx.RMSNorm:
+    return nnx.RMSNorm(d_model, epsilon=eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+                       scale_metadata={"out_sharding": names, "eager_sharding": False})
+
+
+def norm_eps(cfg) -> float:
+    return float(cfg.get("norm_eps", DEFAULT_NORM_EPS))
 
 
 def rotary(x_BLHk: Array, positions_BL: Array, theta: float) -> Array:
@@ -157,20 +190,46 @@ def attention_mask(segment_ids_BL: Array, kv_segment_ids_BT: Optional[Array] = N
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with rotary positions; q/k/v kernels [d, H, k], output kernel [H, k, d].
+    """Multi-head attention with rotary positions; q kernel [d, H, k], k/v kernels [d, Hkv, k] (Hkv =
+    `model.num_kv_heads`: grouped-query attention when < H), output kernel [H, k, d].
 
     Self-attention over x by default; cross-attention from x to `kv_BTd` (an encoder's output) when given.
+    Options for imported architectures (moe_jax.convert): `model.qkv_bias` (biases on q, k, v: Qwen2-MoE) and
+    `model.qk_norm` ("head": RMSNorm of each head's q and k, Qwen3-MoE; "projection": of the whole q and k
+    projections, OLMoE), both applied before the rotary positions.
     """
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        d, H, k = cfg.d_model, cfg.num_heads, head_dim(cfg)
+        d, H, k, Hkv = cfg.d_model, cfg.num_heads, head_dim(cfg), num_kv_heads(cfg)
         self.dtype = dtype("model.dtype", cfg.dtype)
         self.rope_theta = float(cfg.rope_theta)
         s = cfg.init_scale
         self.query = kernel(rngs, (d, H, k), ("embed", "heads", "kv"), scale=s, in_axis=0, out_axis=(1, 2))
-        self.key = kernel(rngs, (d, H, k), ("embed", "heads", "kv"), scale=s, in_axis=0, out_axis=(1, 2))
-        self.value = kernel(rngs, (d, H, k), ("embed", "heads", "kv"), scale=s, in_axis=0, out_axis=(1, 2))
+        self.key = kernel(rngs, (d, Hkv, k), ("embed", "heads", "kv"), scale=s, in_axis=0, out_axis=(1, 2))
+        self.value = kernel(rngs, (d, Hkv, k), ("embed", "heads", "kv"), scale=s, in_axis=0, out_axis=(1, 2))
         self.out = kernel(rngs, (H, k, d), ("heads", "kv", "embed"), scale=s, in_axis=(0, 1), out_axis=2)
+        if cfg.get("qkv_bias", False):
+            zeros = lambda heads: nnx.Param(jnp.zeros((heads, k), jnp.float32), out_sharding=("heads", "kv"),
+                                            eager_sharding=False)
+            self.query_bias, self.key_bias, self.value_bias = zeros(H), zeros(Hkv), zeros(Hkv)
+        self.qk_norm = choice("model.qk_norm", cfg.get("qk_norm", "none"), QK_NORMS)
+        if self.qk_norm != "none":
+            eps = norm_eps(cfg)
+            q_width, k_width = (k, k) if self.qk_norm == "head" else (H * k, Hkv * k)
+            self.query_norm = rms_norm(q_width, self.dtype, rngs, eps=eps, names=(None,))
+            self.key_norm = rms_norm(k_width, self.dtype, rngs, eps=eps, names=(None,))
+
+    def _project(self, x_BLd: Array, name: str) -> Array:
+        """[B, L, d] -> [B, L, heads, k]: the q, k or v projection with its bias and norm."""
+        out_BLHk = jnp.einsum("BLd,dHk->BLHk", x_BLd, getattr(self, name)[...].astype(self.dtype))
+        if hasattr(self, f"{name}_bias"):
+            out_BLHk = out_BLHk + getattr(self, f"{name}_bias")[...].astype(self.dtype)
+        if name != "value" and self.qk_norm == "head":
+            out_BLHk = getattr(self, f"{name}_norm")(out_BLHk)
+        elif name != "value" and self.qk_norm == "projection":
+            B, L, H, k = out_BLHk.shape
+            out_BLHk = getattr(self, f"{name}_norm")(out_BLHk.reshape(B, L, H * k)).reshape(B, L, H, k)
+        return out_BLHk
 
     def __call__(self, x_BLd: Array, *, positions_BL: Optional[Array], mask_B1LT: Optional[Array],
                  kv_BTd: Optional[Array] = None, kv_positions_BT: Optional[Array] = None,
@@ -186,7 +245,7 @@ class Attention(nnx.Module):
           kv_BTd: cross-attention: the keys' and values' inputs. kv_positions_BT: their rotary positions
             (None: keys without rotary).
           causal: with `mask_B1LT=None`, whether a query sees only earlier keys (False: bidirectional).
-          cache: self-attention with a KV cache (generation): (keys, values) [B, T, H, k] of every slot so far;
+          cache: self-attention with a KV cache (generation): (keys, values) [B, T, Hkv, k] of every slot so far;
             this call's keys and values are written at slots [cache_index, cache_index + L) and the queries
             attend over all T slots under `mask_B1LT` [B, 1, L, T]. Returns (output, updated cache) then.
           bias_BHLT: an additive attention-logit bias broadcastable to [B, H, L, T] (T5's relative positions).
@@ -194,9 +253,9 @@ class Attention(nnx.Module):
         dt = self.dtype
         source_BTd = x_BLd if kv_BTd is None else kv_BTd
         source_positions_BT = positions_BL if kv_BTd is None else kv_positions_BT
-        q_BLHk = jnp.einsum("BLd,dHk->BLHk", x_BLd, self.query[...].astype(dt))
-        k_BTHk = jnp.einsum("BTd,dHk->BTHk", source_BTd, self.key[...].astype(dt))
-        v_BTHk = jnp.einsum("BTd,dHk->BTHk", source_BTd, self.value[...].astype(dt))
+        q_BLHk = self._project(x_BLd, "query")
+        k_BTHk = self._project(source_BTd, "key")  # [B, T, Hkv, k]: heads in groups of H / Hkv share them
+        v_BTHk = self._project(source_BTd, "value")
         if positions_BL is not None:
             q_BLHk = rotary(q_BLHk, positions_BL, self.rope_theta)
         if source_positions_BT is not None:
@@ -244,14 +303,14 @@ def make_moe_layer(cfg, *, rngs: nnx.Rngs):
 
     m = cfg.moe
     return MoeLayer(
-        d_model=cfg.d_model, d_ff=cfg.d_ff, num_experts=m.num_experts, k=m.k, router=m.router,
+        d_model=cfg.d_model, d_ff=expert_d_ff(cfg), num_experts=m.num_experts, k=m.k, router=m.router,
         dispatcher=m.dispatcher, capacity_factor=m.capacity_factor,
         eval_capacity_factor=m.eval_capacity_factor, group_size=m.group_size, min_capacity=m.min_capacity,
         activation=cfg.activation, num_shared_experts=m.num_shared_experts, init_scale=cfg.init_scale,
         jitter=m.jitter, expert_dropout=m.expert_dropout, dropout=cfg.dropout, normalize=m.normalize,
         batch_prioritized=m.batch_prioritized, vocab_size=cfg.vocab_size, bias_update_rate=m.bias_update_rate,
         router_dtype=dtype("model.moe.router_dtype", m.router_dtype), dtype=dtype("model.dtype", cfg.dtype),
-        rngs=rngs)
+        shared_d_ff=m.get("shared_d_ff"), shared_expert_gate=m.get("shared_expert_gate", False), rngs=rngs)
 
 
 # --------------------------------------------------------------------------------------------- loss

@@ -1,0 +1,105 @@
+"""`python -m moe_jax.convert` as a user runs it: an HF checkpoint becomes a run directory that reproduces HF's
+logits, fine-tunes with `moe_jax.main` (falling loss, exact resume), and exports back to a directory HF loads
+with our logits; mistakes are one `error:` line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from cli_checks import assert_user_error, run_cli
+from moe_jax import checkpoint
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+VOCAB = 1031  # >= the synthetic corpus's 1024 ids the converted run's default data has; not a multiple of 8
+
+
+def make_hf(directory):
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=3, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, initializer_range=0.2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def our_logits(workdir, ids, step=None):
+    model, _ = checkpoint.restore_model(workdir, step, devices=jax.devices()[:1])
+    return np.asarray(model(jnp.asarray(ids), deterministic=True)[0])
+
+
+def fine_tune(workdir, text_file, steps):
+    return run_cli("moe_jax.main", [
+        f"--config=moe_jax/convert/run_config.py:{workdir}", f"--workdir={workdir}", f"--config.train.steps={steps}",
+        "--config.train.learning_rate=3e-3", "--config.train.warmup_steps=1", "--config.data.source=text",
+        f"--config.data.paths={text_file}", "--config.data.batch_size=2", "--config.data.seq_len=32",
+        "--config.train.log_every=1", "--config.train.eval_every=100", "--config.train.checkpoint_every=2",
+        "--config.train.eval_steps=1"], cwd=ROOT, timeout=600)
+
+
+def losses(workdir):
+    by_step = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            by_step[record["step"]] = record["train/loss"]
+    return by_step
+
+
+def test_convert_fine_tune_resume_and_export(tmp_path):
+    reference = make_hf(tmp_path / "hf")
+    ids = np.random.RandomState(0).randint(0, VOCAB, (32, 128))  # the run's batch: one routing group of 4096
+    run = tmp_path / "run"
+
+    result = run_cli("moe_jax.convert", [f"--from_hf={tmp_path / 'hf'}", f"--workdir={run}"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint step 0" in result.stdout and "moe_jax/convert/run_config.py" in result.stdout
+    assert float(np.abs(our_logits(run, ids) - hf_logits(reference, ids)).max()) <= 1e-4
+
+    text = tmp_path / "train.txt"
+    words = "the router sends each token to the experts it prefers and adds what they return".split()
+    rng = np.random.RandomState(1)
+    text.write_text("\n".join(" ".join(rng.choice(words, 24)) for _ in range(300)))
+
+    result = fine_tune(run, text, steps=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted = losses(run)
+    assert sorted(uninterrupted) == [1, 2, 3, 4]
+    assert uninterrupted[4] < uninterrupted[1], uninterrupted
+
+    # As if killed after the step-2 checkpoint: the same command again gives steps 3 and 4 exactly.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(run, interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "4")
+    result = fine_tune(interrupted, text, steps=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 2" in result.stderr, result.stderr[-2000:]
+    assert losses(interrupted) == uninterrupted
+
+    out = tmp_path / "exported"
+    result = run_cli("moe_jax.convert", [f"--to_hf={out}", f"--workdir={run}", "--step=4"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                                 attn_implementation="eager").eval()
+    tuned = our_logits(run, ids, step=4)
+    assert float(np.abs(hf_logits(exported, ids) - tuned).max()) <= 1e-4
+    assert float(np.abs(tuned - hf_logits(reference, ids)).max()) > 1e-3  # the export is the fine-tuned model
+
+
+def test_cli_mistakes_are_one_error_line(tmp_path):
+    result = run_cli("moe_jax.convert", [f"--workdir={tmp_path / 'run'}"], cwd=ROOT)
+    assert_user_error(result, "exactly one of --from_hf=DIR", "--to_hf=DIR", not_created=[tmp_path / "run"])
