@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from etils import epath
 
-from moe_jax import data as data_lib, models, sharding
+from moe_jax import data as data_lib, distill, models, sharding
 from moe_jax.models import layers
 
 
@@ -32,6 +32,7 @@ def validate(cfg, *, num_devices: int) -> None:
     layers.choice("train.optimizer", cfg.train.optimizer, ("adamw", "adafactor"))
     _check_data(cfg.data)
     _check_vocabulary(cfg)
+    distill.validate(cfg)
 
     moe = cfg.model.moe
     if not layers.is_moe(cfg.model):

@@ -25,7 +25,7 @@ from etils import epath
 from flax import nnx
 
 from moe_jax import checkpoint as checkpoint_lib
-from moe_jax import chips, config_validation, data, goodput, metric_writer, models, moe as moe_lib, sharding
+from moe_jax import chips, config_validation, data, distill, goodput, metric_writer, models, moe as moe_lib, sharding
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 3
     c.train.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind, or measure a matmul on CPU
+
+    c.distill = distill.default_config()  # off unless distill.teacher_workdir is set (moe_jax/distill.py)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)  # (data, expert, model); one -1 takes the remaining devices
@@ -94,19 +96,22 @@ def _loss_weights(cfg):
     return dict(aux_loss_weight=float(moe.aux_loss_weight), z_loss_weight=float(moe.z_loss_weight))
 
 
-def make_train_step(cfg) -> Callable:
-    """(graphdef, state, batch) -> (state, metrics): one optimizer step, pure."""
+def make_train_step(cfg, loss: Optional[Callable] = None, before_gradient: Optional[Callable] = None) -> Callable:
+    """(graphdef, state, batch, *extra) -> (state, metrics): one optimizer step, pure. `loss(model, batch, *extra)
+    -> (loss, metrics)` replaces the family's training loss; `before_gradient(batch, *extra) -> extra` runs first,
+    outside the gradient (distillation: the teacher's state in, its probabilities out)."""
     loss_weights = _loss_weights(cfg)
     loss_fn = models.get(cfg).loss_fn
-
-    def train_step(graphdef, state, batch):
-        model, optimizer = nnx.merge(graphdef, state)
-        model.train()
-
-        def loss(model):
+    if loss is None:
+        def loss(model, batch):
             return loss_fn(model, batch, deterministic=False, **loss_weights)
 
-        (_, metrics), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    def train_step(graphdef, state, batch, *extra):
+        if before_gradient is not None:
+            extra = before_gradient(batch, *extra)
+        model, optimizer = nnx.merge(graphdef, state)
+        model.train()
+        (_, metrics), grads = nnx.value_and_grad(lambda m: loss(m, batch, *extra), has_aux=True)(model)
         optimizer.update(model, grads)
         moe_lib.after_step(model, metrics)  # routers' own updates outside the gradient (bias_balanced)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -233,6 +238,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
     workdir = epath.Path(workdir)
     run = setup(cfg, devices)  # validates the config
     cfg = run.config
+    teacher = distill.load_teacher(run) if distill.enabled(cfg) else None  # checks the teacher run too
     block = dict(process_index=process_batch_block(run.batch_sharding, cfg.data.batch_size),
                  process_count=jax.process_count(), batch_format=run.family.batch_format)
     train_iter = data.make_train_iterator(cfg.data, **block)
@@ -258,6 +264,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
     else:
         start_step, state = restored
         log.info("resumed from step %d in %s", start_step, checkpointer.directory)
+    train_step = run.train_step
+    if teacher is not None:
+        train_step, state = distill.attach(run, teacher, state, fresh=restored is None)
     writer.header(startup_header(cfg, run, workdir, start_step))
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -302,7 +311,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict
             if step == start_step:
                 writer.header(f"compiling the train step (the first step; ~30 s on a laptop CPU) ...")
                 compile_start = time.time()
-            state, metrics = run.train_step(state, batch)
+            state, metrics = train_step(state, batch)
             if step == start_step:
                 jax.block_until_ready(metrics["loss"])
                 writer.header(f"compiled and ran step {step + 1} in {time.time() - compile_start:.1f} s")

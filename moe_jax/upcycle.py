@@ -81,8 +81,8 @@ def layer_params(model) -> dict[Key, LayerParam]:
 
 
 def set_layer_params(model, values: dict[Key, jax.Array]) -> None:
-    """Write `values` (keys of `layer_params`; a subset is fine) into `model`'s parameters in place, each
-    array placed like the parameter it replaces."""
+    """Write copies of `values` (keys of `layer_params`; a subset is fine) into `model`'s parameters in place,
+    each placed like the parameter it replaces."""
     per_block = _scanned_layers_per_block(model)
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         old = variable.get_value()
@@ -99,7 +99,7 @@ def set_layer_params(model, values: dict[Key, jax.Array]) -> None:
             raise ValueError(f"parameter {'/'.join(map(str, path))}: new value has shape {new.shape}, the model's "
                              f"has {old.shape}")
         sharding = getattr(old, "sharding", None)
-        new = jnp.asarray(new, old.dtype)
+        new = jnp.array(new, old.dtype, copy=True)  # never the source's buffer: a train step donates the state
         variable.set_value(jax.device_put(new, sharding) if sharding is not None else new)
 
 

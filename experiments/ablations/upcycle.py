@@ -14,6 +14,7 @@ alone would train the upcycled variants from scratch: run this file. Writes expe
 """
 
 import math
+import statistics
 import pathlib
 import shutil
 import sys
@@ -54,11 +55,8 @@ def variants(scale):
 
 def _mean_std(values):
     values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return float("nan"), float("nan"), 0
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std, len(values)
+    return (statistics.fmean(values) if values else float("nan"),
+            statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
 
 
 def analysis(results, scale):

@@ -1,0 +1,79 @@
+"""Distillation into dense (Switch Transformer §4, Tables 6-7) at laptop scale: tiny_dense baseline, tiny_switch
+teacher, and tiny_dense students distilled from it (alpha = 0.25 teacher probabilities + 0.75 ground truth),
+with and without the teacher's non-expert weights as initialisation; 100 steps each, 3 seeds.
+
+    python -m moe_jax.sweep --sweep=experiments/ablations/distill.py --workdir=runs/ablations
+
+Run from the repository root with exactly this --workdir: a student names its teacher's run directory
+(`runs/ablations/distill/switch_100_s<seed>`), which the sweep trains first. The dense baselines are the same
+configs as experiments/ablations/upcycle.py's bases (the runner reuses them when that sweep ran). Writes
+experiments/results/distill.{md,csv,png}.
+"""
+
+import math
+import statistics
+
+from moe_jax import sweep
+
+SEEDS = (0, 1, 2)
+STEPS = 100
+RUNS = "runs/ablations"  # the sweep's --workdir, as typed above
+COLUMNS = ("eval_ce", "examples_per_sec")
+PAPER = """
+Fedus et al. 2022, §4 "Distillation": distilling Switch-Base into T5-Base with the student's non-expert
+weights initialised from the teacher and a loss mixing 0.25 of the teacher's probabilities with 0.75 of the
+ground truth keeps about 30% of the teacher's quality gain (Table 6; the abstract: "preserving 30% of the
+quality gains of the large sparse teacher") at about 1/20 of its parameters. Table 7 (experiments/results/
+switch_paper.md): Switch-Base teachers of 1.1B-14.7B parameters score -1.505 to -1.427 neg. log perplexity
+against T5-Base's -1.636.
+"""
+
+
+def teacher_dir(seed: int) -> str:
+    return f"{RUNS}/distill/{sweep.slug(f'switch {STEPS} s{seed}')}"
+
+
+def variants(scale):
+    out = {}
+    for seed in SEEDS:
+        dense = sweep.base(scale, dense=True, laptop_steps=STEPS).override({"train.seed": seed})
+        out[f"dense {STEPS} s{seed}"] = dense.override(note="the dense baseline")
+        out[f"switch {STEPS} s{seed}"] = sweep.base(scale, laptop_steps=STEPS).override(
+            {"train.seed": seed}, note="the teacher")
+        student = dense.override({"distill.teacher_workdir": teacher_dir(seed), "distill.alpha": 0.25})
+        out[f"distilled {STEPS} s{seed}"] = student.override(note="alpha 0.25")
+        out[f"distilled+init {STEPS} s{seed}"] = student.override(
+            {"distill.init_from_teacher": True}, note="alpha 0.25, non-expert weights from the teacher")
+    return out
+
+
+def _mean_std(values):
+    values = [v for v in values if math.isfinite(v)]
+    return (statistics.fmean(values) if values else float("nan"),
+            statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+
+def analysis(results, scale):
+    groups = {prefix: _mean_std([s.final_ce for n, s in results.items() if n.rsplit(" ", 2)[0] == prefix])
+              for prefix in ("dense", "switch", "distilled", "distilled+init")}
+    dense, switch = groups["dense"][0], groups["switch"][0]
+    if not (math.isfinite(dense) and math.isfinite(switch)):
+        return "Not enough finished runs for an analysis."
+    text = ["Eval CE, mean ± std over seeds (n): " + "; ".join(
+        f"{name} {m:.4f} ± {s:.4f} ({n})" for name, (m, s, n) in groups.items() if n) + "."]
+    gain = dense - switch
+    text.append(f"The teacher's gain over the dense baseline is {gain:.4f} nats.")
+    for name in ("distilled", "distilled+init"):
+        mean = groups[name][0]
+        if math.isfinite(mean) and gain > 0:
+            text.append(f"{name}: {100 * (dense - mean) / gain:.0f}% of it kept (paper: about 30%).")
+    # Per seed, each student against its own teacher and the same seed's dense baseline.
+    for name in ("distilled", "distilled+init"):
+        kept = []
+        for seed in SEEDS:
+            d, t, s = (results.get(f"{p} {STEPS} s{seed}") for p in ("dense", "switch", name))
+            if d and t and s and all(math.isfinite(x.final_ce) for x in (d, t, s)) and d.final_ce > t.final_ce:
+                kept.append(100 * (d.final_ce - s.final_ce) / (d.final_ce - t.final_ce))
+        if kept:
+            text.append(f"Per seed, {name} keeps " + ", ".join(f"{k:.0f}%" for k in kept) + " of its teacher's gain.")
+    return " ".join(text)
