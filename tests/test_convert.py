@@ -44,15 +44,14 @@ def hf_configs():
     }
 
 
-def build_hf(name: str, directory, **overrides):
-    """A random HF model of architecture `name`, saved to `directory`; -> the model (eval mode, eager)."""
+def build_hf(name: str, directory, max_shard_size=None):
+    """A random HF model of architecture `name`, saved to `directory` (sharded above `max_shard_size`);
+    -> the model (eval mode, eager attention)."""
     config = hf_configs()[name]
-    for key, value in overrides.items():
-        setattr(config, key, value)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, **({} if max_shard_size is None else dict(max_shard_size=max_shard_size)))
     return model
 
 
@@ -112,7 +111,11 @@ def test_bad_directories_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model directory: it has no config.json"):
         convert.from_hf(tmp_path / "empty")
 
-    build_hf("MixtralForCausalLM", tmp_path / "hf")
+    # HF's own sharded layout reads as the single file does.
+    reference = build_hf("MixtralForCausalLM", tmp_path / "hf", max_shard_size="40KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    model, _ = convert.from_hf(tmp_path / "hf")
+    assert float(np.abs(our_logits(model, tokens()) - hf_logits(reference, tokens())).max()) <= PARITY
     config_file = tmp_path / "hf" / "config.json"
     original = json.loads(config_file.read_text())
 
@@ -137,9 +140,28 @@ def test_bad_directories_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"tensors with no counterpart in moe_jax .*model\.layers\.1\."):
         convert.from_hf(tmp_path / "hf")
     config_file.write_text(json.dumps(original))
-    (tmp_path / "hf" / "model.safetensors").unlink()
+    shard = sorted((tmp_path / "hf").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"names shard files that are missing: .*{shard.name}"):
+        convert.from_hf(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors.index.json").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
         convert.from_hf(tmp_path / "hf")
+
+
+def test_bfloat16_tensors_are_read_as_float32(tmp_path):
+    from safetensors.torch import save_file
+
+    from moe_jax.convert.safetensors_io import TensorReader
+
+    weights = torch.randn(3, 5)
+    save_file({"w": weights.to(torch.bfloat16), "v": weights}, str(tmp_path / "model.safetensors"))
+    reader = TensorReader(tmp_path)
+    assert reader.get("w").dtype == np.float32 and reader.names() == ["v", "w"]
+    np.testing.assert_array_equal(reader.get("w"), weights.to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(reader.get("v"), weights.numpy())
+    with pytest.raises(KeyError, match="no tensor 'u' in the checkpoint"):
+        reader.get("u")
 
 
 def test_a_native_model_without_an_hf_counterpart_is_refused_naming_the_setting(tmp_path):
