@@ -3,8 +3,10 @@
     python -m moe_jax.prune --workdir=runs/tiny_switch --keep=6 [--method=load|router_mass|merge] \
         --output=runs/tiny_switch_keep6 [--step=N --num_batches=8]
 
-Each MoE layer's experts are scored on the run's held-out batches (`data.make_eval_batches`, `--num_batches`
-of them), through the model's own forward pass (`analysis.collect`):
+Each MoE layer's experts are scored on `--num_batches` held-out batches that follow the run's own evaluation
+batches (`data.make_eval_batches`; the first `train.eval_steps` are the run's eval set, on which the eval
+cross-entropy before and after pruning is measured, so scoring and measuring never see the same tokens),
+through the model's own forward pass (`analysis.collect`):
 
   load         the share of the tokens' top-k choices each expert receives (before capacity);
   router_mass  the router probability (gate weight) the tokens give each expert among their choices;
@@ -15,8 +17,7 @@ The N experts kept keep their order; the router's columns (and `noise_kernel` / 
 with them, so the router is renumbered 0..N-1 and a token goes to the best of the kept experts. Optimizer
 moments are pruned (or merged) the same way, so the output is a run at the same step with `model.moe.num_experts
 = N` that `moe_jax.evaluate`, `moe_jax.sample` and `moe_jax.main` (with a larger `train.steps`) use as they use
-any run; the data iterator continues where the source run stopped. The eval cross-entropy before and after is
-printed. The hash router (a fixed token -> expert table) cannot be pruned. Decoder family only for now.
+any run; the data iterator continues where the source run stopped. The hash router (a fixed token -> expert table) cannot be pruned. Decoder family only for now.
 """
 
 from __future__ import annotations
@@ -152,8 +153,10 @@ def prune_run(workdir, keep: int, output, *, method: str = "load", step: Optiona
     run, state, step = checkpoint.restore_run(workdir, step, devices=devices)
     cfg = run.config
     model, _ = nnx.merge(run.graphdef, state)
-    batches = data.make_eval_batches(cfg.data, num_batches, batch_format=run.family.batch_format)
-    scores = expert_scores(model, batches, "load" if method == "merge" else method)
+    batches = data.make_eval_batches(cfg.data, cfg.train.eval_steps + num_batches,
+                                     batch_format=run.family.batch_format)
+    eval_batches, scoring_batches = batches[:cfg.train.eval_steps], batches[cfg.train.eval_steps:]
+    scores = expert_scores(model, scoring_batches, "load" if method == "merge" else method)
     kept = kept_experts(scores, keep)
     plan = None
     if method == "merge":
@@ -187,7 +190,8 @@ def prune_run(workdir, keep: int, output, *, method: str = "load", step: Optiona
     manager.close()
     upcycle.write_run(new_run, new_state, output, step=step, data_iterator=iterator)
     return dict(step=step, method=method, kept=kept.tolist(), scores=scores.tolist(),
-                eval_ce_before=_eval_ce(run, state, batches), eval_ce_after=_eval_ce(new_run, new_state, batches))
+                eval_ce_before=_eval_ce(run, state, eval_batches),
+                eval_ce_after=_eval_ce(new_run, new_state, eval_batches))
 
 
 def _eval_ce(run, state, batches) -> float:
@@ -226,11 +230,12 @@ def main(argv) -> int:
                        num_batches=_FLAGS["num_batches"].value)
     kept = "; ".join(f"layer {i}: {k}" for i, k in enumerate(result["kept"]))
     print(f"wrote {_FLAGS['output'].value} at step {result['step']}: kept {_FLAGS['keep'].value} experts per MoE "
-          f"layer by {result['method']} ({kept}); eval CE on {_FLAGS['num_batches'].value} held-out batches "
+          f"layer by {result['method']} ({kept}); eval CE on the run's eval batches "
           f"{result['eval_ce_before']:.4f} before, {result['eval_ce_after']:.4f} after")
-    print(f"evaluate or sample it with --workdir={_FLAGS['output'].value}; train it further with python -m "
-          f"moe_jax.main --config=<the run's config> --config.model.moe.num_experts={_FLAGS['keep'].value} "
-          f"--config.train.steps=<more than {result['step']}> --workdir={_FLAGS['output'].value}")
+    out = _FLAGS["output"].value
+    print(f"evaluate or sample it with --workdir={out}; train it further with python -m moe_jax.main "
+          f"--config=moe_jax/convert/run_config.py:{out} --workdir={out} --config.train.steps=<more than "
+          f"{result['step']}>")
     return 0
 
 

@@ -280,7 +280,8 @@ def main(argv) -> int:
           f"weights copied from the dense MLPs, {len(report['copied'])} weights copied, fresh: "
           f"{', '.join(report['fresh']) or 'nothing'}")
     config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
-    print("train it with: python -m moe_jax.main " + " ".join(config_args + [f"--workdir={workdir}"]))
+    print("train it with: python -m moe_jax.main " + " ".join(config_args + [f"--workdir={workdir}"]) +
+          f" (or --config=moe_jax/convert/run_config.py:{workdir}: the config it was written with)")
     return 0
 
 
