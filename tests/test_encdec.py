@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import models, train
-from moe_jax.models import encdec
+from moe_jax.models import encdec, layers
 
 
 def config(num_experts=4, **model):
@@ -74,6 +74,42 @@ def test_moe_in_both_stacks_loss_and_interface():
     assert counts["total"] > counts["active"] > 0 and family.flops_per_token(model, 16) > 0
     assert "encoder-decoder, 2 + 2 layers" in family.describe(cfg.model)
     assert family.abstract_batch(4, 512, None)["decoder_targets"].shape == (4, 114)  # T5: 512 -> 114
+
+
+def test_remat_and_tied_head_keep_the_math():
+    """model.remat recomputes each layer in the backward pass: the same loss and gradients. The tied head
+    (T5 v1.0) is the embedding applied to the output / sqrt(d_model)."""
+    def loss_and_grads(**model):
+        cfg = config(**model)
+        family = models.get(cfg)
+        m = family.create(cfg.model, nnx.Rngs(params=0, dropout=1))
+        batch = family.abstract_batch(2, 32, None)
+        batch = {k: (jnp.ones(v.shape, v.dtype) if "weights" in k or "segment" in k else
+                     jnp.broadcast_to(jnp.arange(v.shape[1]), v.shape).astype(v.dtype) % 60 + 3)
+                 for k, v in batch.items()}
+        (loss, _), grads = nnx.value_and_grad(lambda m: family.loss_fn(
+            m, batch, deterministic=True, aux_loss_weight=1e-2, z_loss_weight=0.0), has_aux=True)(m)
+        return m, float(loss), jax.tree.leaves(nnx.state(grads))
+
+    _, plain, plain_grads = loss_and_grads()
+    _, remat, remat_grads = loss_and_grads(remat="full")
+    assert remat == pytest.approx(plain, rel=1e-6)
+    for a, b in zip(plain_grads, remat_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    tied, _, _ = loss_and_grads(tie_embeddings=True)
+    assert not hasattr(tied, "unembedding")
+    encoder = jnp.arange(32).reshape(2, 16) % 60 + 3  # routing groups of 16 tokens: whole rows
+    decoder = jnp.arange(16).reshape(2, 8) % 60 + 3
+    logits, _ = tied(encoder, decoder, deterministic=True)
+    embedded = jnp.take(tied.embedding[...], decoder, axis=0)
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    hidden = tied.decoder_norm(tied._run(tied.decoder_layers, embedded, dict(
+        mask_B1LT=layers.attention_mask(jnp.ones((2, 8), jnp.int32)), bias_BHLT=tied.decoder_bias(positions, positions),
+        padding_mask_BL=jnp.ones((2, 8), bool), token_ids_BL=decoder, deterministic=True,
+        encoded_BTd=tied.encode(encoder, deterministic=True)[0],
+        cross_mask_B1LT=layers.attention_mask(jnp.ones((2, 8), jnp.int32), jnp.ones((2, 16), jnp.int32),
+                                              causal=False)))[0])
+    np.testing.assert_allclose(logits, hidden @ tied.embedding[...].T / np.sqrt(32), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_settings_name_the_key():

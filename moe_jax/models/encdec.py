@@ -15,7 +15,8 @@ cross-attention inside one example. Decoder routing is causal with the default t
 use `moe.batch_prioritized` or expert choice, which look at the whole input.
 
 Attention scales logits by 1/sqrt(head dim) (jax.nn.dot_product_attention); T5 instead folds that factor
-into its initialisation. The layers run in Python loops, not a scan: compile time grows with depth.
+into its initialisation. The layers run in Python loops, not a scan: compile time grows with depth;
+`model.remat` rematerialises each layer in the backward pass as in the decoder.
 
 Aux: `aux["encoder"]` and `aux["decoder"]` hold each stack's MoE-layer metrics stacked on a leading layer
 axis; `loss_fn` reports their concatenation (encoder layers first) as `metrics["moe"]`.
@@ -31,6 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from moe_jax import sharding
 from moe_jax.models import decoder, layers
 
 Array = jax.Array
@@ -164,6 +166,7 @@ class EncoderDecoder(nnx.Module):
         cfg = ml_collections.FrozenConfigDict(cfg)
         self.config = cfg
         self.dtype = layers.dtype("model.dtype", cfg.dtype)
+        self._remat, self._remat_policy = layers.remat_policy(cfg.remat)
         d, V, moe = cfg.d_model, cfg.vocab_size, layers.is_moe(cfg)
         self.embedding = layers.embedding(rngs, V, d)
         self.encoder_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
@@ -179,6 +182,20 @@ class EncoderDecoder(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembedding = layers.kernel(rngs, (d, V), ("embed", "vocab"), scale=cfg.init_scale)
 
+    def _run(self, stack, x_BLd, kwargs):
+        """The layers of one stack in order (each rematerialised as `model.remat` says) -> (x, stacked aux)."""
+        def apply(layer, x_BLd):
+            x_BLd, aux = layer(x_BLd, **kwargs)
+            return sharding.constrain(x_BLd, ("batch", "length", "embed")), aux
+
+        if self._remat:
+            apply = nnx.remat(apply, policy=self._remat_policy)
+        auxes = []
+        for layer in stack:
+            x_BLd, aux = apply(layer, x_BLd)
+            auxes += [aux] if aux else []
+        return x_BLd, _stack_aux(auxes)
+
     def encode(self, tokens_BL, *, segment_ids=None, positions=None, deterministic=False):
         """-> (encoded [B, L, d], aux of the encoder's MoE layers)."""
         B, L = tokens_BL.shape
@@ -188,11 +205,8 @@ class EncoderDecoder(nnx.Module):
                       bias_BHLT=self.encoder_bias(positions, positions), padding_mask_BL=segment_ids > 0,
                       token_ids_BL=tokens_BL, deterministic=deterministic)
         x_BLd = jnp.take(self.embedding[...], tokens_BL, axis=0).astype(self.dtype)
-        auxes = []
-        for layer in self.encoder_layers:
-            x_BLd, aux = layer(x_BLd, **kwargs)
-            auxes += [aux] if aux else []
-        return self.encoder_norm(x_BLd), _stack_aux(auxes)
+        x_BLd, aux = self._run(self.encoder_layers, x_BLd, kwargs)
+        return self.encoder_norm(x_BLd), aux
 
     def __call__(self, encoder_tokens_BL, decoder_tokens_BL, *, encoder_segment_ids=None, decoder_segment_ids=None,
                  encoder_positions=None, decoder_positions=None, deterministic: bool = False):
@@ -209,10 +223,7 @@ class EncoderDecoder(nnx.Module):
                       encoded_BTd=encoded_BTd,
                       cross_mask_B1LT=layers.attention_mask(dec_segments, enc_segments, causal=False))
         x_BLd = jnp.take(self.embedding[...], decoder_tokens_BL, axis=0).astype(self.dtype)
-        auxes = []
-        for layer in self.decoder_layers:
-            x_BLd, aux = layer(x_BLd, **kwargs)
-            auxes += [aux] if aux else []
+        x_BLd, decoder_aux = self._run(self.decoder_layers, x_BLd, kwargs)
         x_BLd = self.decoder_norm(x_BLd)
         if self.config.tie_embeddings:  # T5 v1.0: the shared embedding as the head, on x / sqrt(d_model)
             logits = jnp.einsum("BLd,Vd->BLV", x_BLd * self.config.d_model ** -0.5,
@@ -220,7 +231,7 @@ class EncoderDecoder(nnx.Module):
         else:
             logits = jnp.einsum("BLd,dV->BLV", x_BLd, self.unembedding[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32), {"encoder": encoder_aux, "decoder": _stack_aux(auxes)}
+        return logits.astype(jnp.float32), {"encoder": encoder_aux, "decoder": decoder_aux}
 
 
 # --------------------------------------------------------------------------------------------- family
