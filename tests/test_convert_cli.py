@@ -42,13 +42,10 @@ def our_logits(workdir, ids, step=None):
     return np.asarray(model(jnp.asarray(ids), deterministic=True)[0])
 
 
-def fine_tune(workdir, text_file, steps):
-    return run_cli("moe_jax.main", [
-        f"--config=moe_jax/convert/run_config.py:{workdir}", f"--workdir={workdir}", f"--config.train.steps={steps}",
-        "--config.train.learning_rate=3e-3", "--config.train.warmup_steps=1", "--config.data.source=text",
-        f"--config.data.paths={text_file}", "--config.data.batch_size=2", "--config.data.seq_len=32",
-        "--config.train.log_every=1", "--config.train.eval_every=100", "--config.train.checkpoint_every=2",
-        "--config.train.eval_steps=1"], cwd=ROOT, timeout=600)
+def fine_tune(workdir, steps):
+    """The run's own config (data and fine-tuning settings given to the converter) and the step count."""
+    return run_cli("moe_jax.main", [f"--config=moe_jax/convert/run_config.py:{workdir}", f"--workdir={workdir}",
+                                    f"--config.train.steps={steps}"], cwd=ROOT, timeout=600)
 
 
 def losses(workdir):
@@ -62,20 +59,23 @@ def losses(workdir):
 
 def test_convert_fine_tune_resume_and_export(tmp_path):
     reference = make_hf(tmp_path / "hf")
-    ids = np.random.RandomState(0).randint(0, VOCAB, (32, 128))  # the run's batch: one routing group of 4096
+    ids = np.random.RandomState(0).randint(0, VOCAB, (4, 32))  # routing groups of the run's 2 x 32 tokens
     run = tmp_path / "run"
-
-    result = run_cli("moe_jax.convert", [f"--from_hf={tmp_path / 'hf'}", f"--workdir={run}"], cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "checkpoint step 0" in result.stdout and "moe_jax/convert/run_config.py" in result.stdout
-    assert float(np.abs(our_logits(run, ids) - hf_logits(reference, ids)).max()) <= 1e-4
-
     text = tmp_path / "train.txt"
     words = "the router sends each token to the experts it prefers and adds what they return".split()
     rng = np.random.RandomState(1)
     text.write_text("\n".join(" ".join(rng.choice(words, 24)) for _ in range(300)))
 
-    result = fine_tune(run, text, steps=4)
+    result = run_cli("moe_jax.convert", [
+        f"--from_hf={tmp_path / 'hf'}", f"--workdir={run}", "--config.data.source=text", f"--config.data.paths={text}",
+        "--config.data.batch_size=2", "--config.data.seq_len=32", "--config.train.learning_rate=3e-3",
+        "--config.train.warmup_steps=1", "--config.train.log_every=1", "--config.train.eval_every=100",
+        "--config.train.checkpoint_every=2", "--config.train.eval_steps=1"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint step 0" in result.stdout and "moe_jax/convert/run_config.py" in result.stdout
+    assert float(np.abs(our_logits(run, ids) - hf_logits(reference, ids)).max()) <= 1e-4
+
+    result = fine_tune(run, steps=4)
     assert result.returncode == 0, result.stderr[-3000:]
     uninterrupted = losses(run)
     assert sorted(uninterrupted) == [1, 2, 3, 4]
@@ -85,10 +85,15 @@ def test_convert_fine_tune_resume_and_export(tmp_path):
     interrupted = tmp_path / "interrupted"
     shutil.copytree(run, interrupted)
     shutil.rmtree(interrupted / "checkpoints" / "4")
-    result = fine_tune(interrupted, text, steps=4)
+    result = fine_tune(interrupted, steps=4)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step 2" in result.stderr, result.stderr[-2000:]
     assert losses(interrupted) == uninterrupted
+
+    result = run_cli("moe_jax.evaluate", [f"--workdir={run}", "--config.data.source=text",
+                                          f"--config.data.paths={text}"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 4 on text" in result.stdout and "bits/byte" in result.stdout
 
     out = tmp_path / "exported"
     result = run_cli("moe_jax.convert", [f"--to_hf={out}", f"--workdir={run}", "--step=4"], cwd=ROOT)
@@ -103,3 +108,7 @@ def test_convert_fine_tune_resume_and_export(tmp_path):
 def test_cli_mistakes_are_one_error_line(tmp_path):
     result = run_cli("moe_jax.convert", [f"--workdir={tmp_path / 'run'}"], cwd=ROOT)
     assert_user_error(result, "exactly one of --from_hf=DIR", "--to_hf=DIR", not_created=[tmp_path / "run"])
+    result = run_cli("moe_jax.convert", [f"--from_hf={tmp_path}", f"--workdir={tmp_path / 'run'}",
+                                         "--config.model.d_model=64"], cwd=ROOT)
+    assert_user_error(result, "--config.model.d_model: only data.*, train.* and mesh.* can be set",
+                      not_created=[tmp_path / "run"])

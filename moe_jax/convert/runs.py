@@ -28,19 +28,41 @@ FINE_TUNING = dict(learning_rate=1e-5, warmup_steps=10, weight_decay=0.0, steps=
 GROUP_SIZE = 4096  # tokens per routing group in training (capped at the tokens per device; see README)
 
 
-def save_run(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, devices=None):
+def default_run_config():
+    """The run config a converted model starts from, before its `model` section (fine-tuning defaults)."""
+    from moe_jax import train
+
+    cfg = train.default_config()
+    cfg.train.update(FINE_TUNING)
+    return cfg
+
+
+def save_run(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, overrides: Optional[dict] = None,
+             devices=None):
     """Write the run directory `workdir` from the HF directory `hf_dir`; returns its run config.
 
-    The parameters are read one at a time into the shardings of the run's mesh (default all devices), so
-    a large checkpoint is never held twice. FileExistsError if `workdir` already holds a run."""
+    `overrides`: {"data.source": "text", "train.steps": 10, ...}: the run's `data`, `train` and `mesh` settings
+    (the `model` is the checkpoint's). A SentencePiece `tokenizer.model` in `hf_dir` is the run's tokenizer
+    unless `data.tokenizer` is given. The parameters are read one at a time into the shardings of the run's
+    mesh (default all devices), so a large checkpoint is never held twice. FileExistsError if `workdir`
+    already holds a run."""
     from moe_jax import checkpoint, train
 
     workdir = pathlib.Path(workdir)
     if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
         raise FileExistsError(f"--workdir={workdir} already holds a run; choose a new directory")
-    cfg, architecture = read_config(hf_dir)
+    overrides = dict(overrides or {})
+    model_keys = sorted(k for k in overrides if not k.startswith(("data.", "train.", "mesh.")))
+    if model_keys:
+        raise ValueError(f"--config.{model_keys[0]}: only data.*, train.* and mesh.* can be set; the model is the "
+                         f"checkpoint's (config.json in {hf_dir})")
+    model_cfg, architecture = read_config(hf_dir)
+    cfg = default_run_config()
+    cfg.model = model_cfg.model
     cfg.model.moe.group_size = GROUP_SIZE
-    cfg.train.update(FINE_TUNING)
+    if (pathlib.Path(hf_dir) / "tokenizer.model").exists():
+        cfg.data.tokenizer = str(pathlib.Path(hf_dir).resolve() / "tokenizer.model")
+    cfg.update_from_flattened_dict(overrides)
     reader = TensorReader(hf_dir)
     run = train.setup(cfg, devices)
     state = run.init_state()  # (model, optimizer); the random parameters are replaced one by one below
