@@ -158,18 +158,43 @@ def prune_run(workdir, keep: int, output, *, method: str = "load", step: Optiona
     eval_batches, scoring_batches = batches[:cfg.train.eval_steps], batches[cfg.train.eval_steps:]
     scores = expert_scores(model, scoring_batches, "load" if method == "merge" else method)
     kept = kept_experts(scores, keep)
-    plan = None
-    if method == "merge":
-        layer = next(iter(_moe_layers(model).values()))
-        weights = [np.asarray(getattr(layer, n)[...]) for n in _EXPERT_WEIGHTS
-                   if isinstance(getattr(layer, n, None), nnx.Variable)]
-        flat = np.concatenate([w.reshape(w.shape[0], w.shape[1], -1) for w in weights], axis=-1)
-        plan = merge_plan(flat, kept, scores)
-    changed = prune_state(run, state, kept, plan)
+    plan = model_merge_plan(model, kept, scores) if method == "merge" else None
+    new_run = pruned_setup(run, keep, devices)
+    new_state = pruned_train_state(new_run, state, prune_state(run, state, kept, plan))
+    new_cfg = new_run.config
 
-    new_cfg = cfg.copy_and_resolve_references()
-    new_cfg.model.moe.num_experts = keep
-    new_run = train.setup(new_cfg, devices)
+    iterator = data.make_train_iterator(
+        new_cfg.data, process_index=train.process_batch_block(new_run.batch_sharding, new_cfg.data.batch_size),
+        process_count=jax.process_count(), batch_format=new_run.family.batch_format)
+    manager = ocp.CheckpointManager((epath.Path(workdir) / "checkpoints").resolve())
+    manager.restore(step, args=ocp.args.Composite(data_iter=checkpoint.DataIteratorRestore(iterator)))
+    manager.close()
+    upcycle.write_run(new_run, new_state, output, step=step, data_iterator=iterator)
+    return dict(step=step, method=method, kept=kept.tolist(), scores=scores.tolist(),
+                eval_ce_before=eval_ce(run, state, eval_batches),
+                eval_ce_after=eval_ce(new_run, new_state, eval_batches))
+
+
+def model_merge_plan(model, kept_LN: np.ndarray, load_LE: np.ndarray) -> np.ndarray:
+    """`merge_plan` of the model's MoE layers from their expert weights (`wi`, `wi_gate`, `wo`)."""
+    layer = next(iter(_moe_layers(model).values()))
+    weights = [np.asarray(getattr(layer, n)[...]) for n in _EXPERT_WEIGHTS
+               if isinstance(getattr(layer, n, None), nnx.Variable)]
+    flat = np.concatenate([w.reshape(w.shape[0], w.shape[1], -1) for w in weights], axis=-1)
+    return merge_plan(flat, kept_LN, load_LE)
+
+
+def pruned_setup(run, keep: int, devices=None):
+    """The `TrainSetup` of `run`'s config with `keep` experts per MoE layer."""
+    from moe_jax import train
+
+    cfg = run.config.copy_and_resolve_references()
+    cfg.model.moe.num_experts = keep
+    return train.setup(cfg, devices)
+
+
+def pruned_train_state(new_run, state, changed: dict):
+    """`state` with the `prune_state` changes, as the pruned run's train state in its shardings."""
     old = {tuple(p): v for p, v in nnx.to_flat_state(state)}
     leaves = []
     for path, abstract in nnx.to_flat_state(new_run.abstract_state):
@@ -180,21 +205,11 @@ def prune_run(workdir, keep: int, output, *, method: str = "load", step: Optiona
             raise ValueError(f"prune: {'/'.join(map(str, path))} is {value.shape} after pruning, the pruned model "
                              f"needs {spec.shape}")
         leaves.append((path, abstract.replace(jax.device_put(jnp.asarray(value, spec.dtype), spec.sharding))))
-    new_state = nnx.from_flat_state(leaves)
-
-    iterator = data.make_train_iterator(
-        new_cfg.data, process_index=train.process_batch_block(new_run.batch_sharding, new_cfg.data.batch_size),
-        process_count=jax.process_count(), batch_format=new_run.family.batch_format)
-    manager = ocp.CheckpointManager((epath.Path(workdir) / "checkpoints").resolve())
-    manager.restore(step, args=ocp.args.Composite(data_iter=checkpoint.DataIteratorRestore(iterator)))
-    manager.close()
-    upcycle.write_run(new_run, new_state, output, step=step, data_iterator=iterator)
-    return dict(step=step, method=method, kept=kept.tolist(), scores=scores.tolist(),
-                eval_ce_before=_eval_ce(run, state, eval_batches),
-                eval_ce_after=_eval_ce(new_run, new_state, eval_batches))
+    return nnx.from_flat_state(leaves)
 
 
-def _eval_ce(run, state, batches) -> float:
+def eval_ce(run, state, batches) -> float:
+    """Mean eval cross-entropy of `state` over `batches` (host LM batches), weighted by tokens."""
     from moe_jax import sharding
 
     total = weight = 0.0

@@ -5,10 +5,11 @@ each `moe_jax.prune` method, with no further training.
     python -m moe_jax.sweep --sweep=experiments/ablations/distill.py --workdir=runs/ablations   # the runs
     python experiments/ablations/prune.py --workdir=runs/ablations
 
-Not a training sweep (nothing is trained), so not a `moe_jax.sweep` file: this driver calls
-`prune.prune_run` for every (seed, method, experts kept) into `runs/ablations/prune/...`, skips those already
-done (their `result.json`), scores experts on 8 held-out batches after the run's own 4 eval batches and
-measures eval CE on the latter, and writes experiments/results/prune.{md,csv,png}.
+Not a training sweep (nothing is trained), so not a `moe_jax.sweep` file: for every (seed, method, experts
+kept) this driver does what `python -m moe_jax.prune` does, in one process and without writing run
+directories (`run_all`), skips seeds already done (`runs/ablations/prune/s<seed>.json`), scores experts on 8
+held-out batches after the run's own 4 eval batches and measures eval CE on the latter, and writes
+experiments/results/prune.{md,csv,png}.
 """
 
 import argparse
@@ -34,22 +35,42 @@ def teacher_dir(workdir: pathlib.Path, seed: int) -> pathlib.Path:
     return workdir / "distill" / f"switch_100_s{seed}"
 
 
-def run_all(workdir: pathlib.Path) -> list[dict]:
-    from moe_jax import prune
+def run_all(workdir: pathlib.Path, seeds=SEEDS) -> list[dict]:
+    """Every (seed, method, kept) row; a seed's rows are saved in runs/.../prune/s<seed>.json and reused.
+
+    The same steps as `prune.prune_run` without writing run directories: one restore, one scoring pass per
+    method and one compiled pruned model per number kept, per seed."""
+    from flax import nnx
+
+    from moe_jax import checkpoint, data, prune
 
     rows = []
-    for seed in SEEDS:
-        source = teacher_dir(workdir, seed)
-        for method in METHODS:
-            for keep in KEEP:
-                out = workdir / "prune" / f"s{seed}" / f"{method}_keep{keep}"
-                result_file = out / "result.json"
-                if not result_file.exists():
-                    result = prune.prune_run(source, keep, out, method=method, num_batches=8)
-                    result_file.write_text(json.dumps(result, indent=1))
-                result = json.loads(result_file.read_text())
-                rows.append(dict(seed=seed, method=method, keep=keep, removed=1 - keep / NUM_EXPERTS,
-                                 eval_ce_before=result["eval_ce_before"], eval_ce_after=result["eval_ce_after"]))
+    for seed in seeds:
+        saved = workdir / "prune" / f"s{seed}.json"
+        if saved.exists():
+            rows += json.loads(saved.read_text())
+            continue
+        run, state, _ = checkpoint.restore_run(teacher_dir(workdir, seed))
+        model, _ = nnx.merge(run.graphdef, state)
+        batches = data.make_eval_batches(run.config.data, run.config.train.eval_steps + 8)
+        eval_batches, scoring = batches[:run.config.train.eval_steps], batches[run.config.train.eval_steps:]
+        before = prune.eval_ce(run, state, eval_batches)
+        scores = {m: prune.expert_scores(model, scoring, m) for m in ("load", "router_mass")}
+        seed_rows = []
+        for keep in KEEP:
+            pruned_run = prune.pruned_setup(run, keep)
+            for method in METHODS:
+                score = scores["load" if method == "merge" else method]
+                kept = prune.kept_experts(score, keep)
+                plan = prune.model_merge_plan(model, kept, score) if method == "merge" else None
+                pruned = prune.pruned_train_state(pruned_run, state, prune.prune_state(run, state, kept, plan))
+                seed_rows.append(dict(seed=seed, method=method, keep=keep, removed=1 - keep / NUM_EXPERTS,
+                                      eval_ce_before=before, eval_ce_after=prune.eval_ce(pruned_run, pruned,
+                                                                                       eval_batches)))
+                print(seed_rows[-1], flush=True)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(seed_rows, indent=1))
+        rows += seed_rows
     return rows
 
 
@@ -134,6 +155,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default="runs/ablations")
     parser.add_argument("--results_dir", default=str(REPO / "experiments" / "results"))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     args = parser.parse_args()
-    rows = run_all(pathlib.Path(args.workdir).resolve())
+    rows = run_all(pathlib.Path(args.workdir).resolve(), [int(s) for s in args.seeds.split(",")])
     write(rows, pathlib.Path(args.results_dir), "python experiments/ablations/prune.py " + " ".join(sys.argv[1:]))
