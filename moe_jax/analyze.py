@@ -124,10 +124,11 @@ def main(argv) -> int:
     from absl import flags
     from etils import epath
 
-    from moe_jax import checkpoint, data, evaluate
+    from moe_jax import checkpoint, data, evaluate, models
 
     if _FLAGS["num_batches"].value < 1:
         raise ValueError(f"--num_batches={_FLAGS['num_batches'].value} must be >= 1")
+    models.require_language_model(checkpoint.load_run_config(_FLAGS["workdir"].value), "moe_jax.analyze")
     devices = jax.devices()[:1]
     model, config = checkpoint.restore_model(_FLAGS["workdir"].value, _FLAGS["step"].value, devices=devices)
     other = None

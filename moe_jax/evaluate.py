@@ -70,9 +70,10 @@ def evaluate_run(run, state, data_config) -> dict:
     """Evaluate a restored run (`checkpoint.restore_run`) on every document of `data_config`'s data."""
     import jax
 
-    from moe_jax import sharding
+    from moe_jax import models, sharding
 
     cfg = run.config
+    models.require_language_model(cfg, "moe_jax.evaluate")
     if data_config.source == "synthetic":
         raise ValueError("data.source='synthetic' has no text to evaluate bits per byte on; give "
                          "--config.data.source=jsonl|text|tfds and --config.data.paths (or data.tfds_name)")
@@ -143,8 +144,9 @@ def main(argv) -> int:
     del argv
     from absl import flags
 
-    from moe_jax import checkpoint
+    from moe_jax import checkpoint, models
 
+    models.require_language_model(checkpoint.load_run_config(_FLAGS["workdir"].value), "moe_jax.evaluate")
     run, state, step = checkpoint.restore_run(_FLAGS["workdir"].value, _FLAGS["step"].value)
     overrides = dict(flags.FLAGS["config"].override_values)
     data_config = evaluation_data_config(run.config.data, overrides)

@@ -51,10 +51,11 @@ def main(argv) -> int:
     del argv
     import jax
 
-    from moe_jax import checkpoint, generate
+    from moe_jax import checkpoint, generate, models
 
     if _FLAGS["num_samples"].value < 1:
         raise ValueError(f"--num_samples={_FLAGS['num_samples'].value} must be >= 1")
+    models.require_language_model(checkpoint.load_run_config(_FLAGS["workdir"].value), "moe_jax.sample")
     model, config = checkpoint.restore_model(_FLAGS["workdir"].value, _FLAGS["step"].value,
                                              devices=jax.devices()[:1])
     ids, tokenizer = encode_prompt(config, _FLAGS["prompt"].value)

@@ -201,3 +201,17 @@ def test_model_name_encdec_on_a_decoder_config_gets_the_encdec_keys():
     resolved = train.setup(cfg, jax.devices()[:1]).config
     assert resolved.model.num_encoder_layers == 2 and resolved.model.relative_attention_num_buckets == 32
     assert resolved.model.d_model == 128  # what the decoder config set stays
+
+
+@pytest.mark.parametrize("module, args", [("moe_jax.evaluate", ["--config.data.source=text"]),
+                                          ("moe_jax.sample", ["--prompt=t5"]),
+                                          ("moe_jax.analyze", ["--output=out"])])
+def test_lm_commands_on_an_encdec_run_say_what_they_need(tmp_path, module, args):
+    from cli_checks import assert_user_error, run_cli
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(models.with_family_defaults(t5_tiny_switch.get_config())
+                                                  .to_json_best_effort())
+    result = run_cli(module, [f"--workdir={tmp_path / 'run'}", *args], cwd=pathlib.Path(__file__).parents[1])
+    assert_user_error(result, f"{module} works on decoder-only language models", "model.name='encdec'",
+                      "eval/neg_log_perplexity")

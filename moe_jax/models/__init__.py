@@ -115,3 +115,12 @@ def _fill(section, defaults) -> None:
                 section[key] = value
             elif hasattr(value, "items") and hasattr(section[key], "items"):
                 _fill(section[key], value)
+
+
+def require_language_model(config, command: str) -> None:
+    """ValueError unless a run config's family is a decoder-only LM (what `command` reads)."""
+    family = get(config)
+    if family.batch_format != "lm":
+        raise ValueError(f"{command} works on decoder-only language models; this run is model.name="
+                         f"{family.name!r}, trained on {family.batch_format} batches (its held-out loss is "
+                         f"eval/neg_log_perplexity in metrics.jsonl)")
