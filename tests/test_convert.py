@@ -214,3 +214,25 @@ def test_the_library_imports_neither_torch_nor_transformers():
                             env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_a_run_is_written_straight_into_the_shardings_of_its_mesh(tmp_path):
+    """save_run on 8 devices with FSDP: each parameter is placed in its run sharding as it is read, and the
+    restored run holds exactly from_hf's parameters."""
+    from moe_jax import checkpoint
+    from moe_jax.convert import runs
+
+    build_hf("MixtralForCausalLM", tmp_path / "hf")
+    (tmp_path / "train.txt").write_text("the router picks an expert\n" * 64)
+    runs.save_run(tmp_path / "hf", tmp_path / "run", devices=jax.devices()[:8], overrides={
+        "mesh.shape": (8, 1, 1), "mesh.fsdp": True, "data.batch_size": 8, "data.source": "text",
+        "data.paths": str(tmp_path / "train.txt")})
+    _, state, step = checkpoint.restore_run(tmp_path / "run", devices=jax.devices()[:8])
+    restored = {path[1:]: v.get_value() for path, v in nnx.to_flat_state(state)
+                if path[0] == 0 and isinstance(v, nnx.Param)}
+    assert step == 0 and restored[("embedding",)].sharding.spec == jax.sharding.PartitionSpec("model", "data")
+    assert len(restored[("embedding",)].sharding.device_set) == 8
+    model, _ = convert.from_hf(tmp_path / "hf")
+    expected = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert set(restored) == set(expected)
+    assert all(np.array_equal(np.asarray(restored[p]), np.asarray(v.get_value())) for p, v in expected.items())
