@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cli_checks import assert_user_error, run_cli
+from cli_checks import run_cli
 from moe_jax import checkpoint, evaluate, generate, prune, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -119,5 +119,13 @@ def test_cli_prune_then_main_resumes_the_pruned_run(moe_run, tmp_path):
     assert "resuming from the step-2 checkpoint" in result.stdout
     assert checkpoint.Checkpointer(out / "checkpoints").all_steps()[-1] == 3
 
-    bad = run_cli("moe_jax.prune", [f"--workdir={workdir}", "--keep=4", f"--output={tmp_path / 'x'}"], ROOT)
-    assert_user_error(bad, "--keep=4", "model.moe.num_experts=4", not_created=[tmp_path / "x"])
+
+def test_bad_prune_requests_are_named(moe_run, tmp_path):
+    workdir, _, _ = moe_run
+    with pytest.raises(ValueError, match=r"--keep=4 must be in \[max\(1, model.moe.k=1\), model.moe.num_experts=4\)"):
+        prune.prune_run(workdir, 4, tmp_path / "x")
+    with pytest.raises(ValueError, match="--method='mass' is not one of"):
+        prune.prune_run(workdir, 2, tmp_path / "x", method="mass")
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        prune.prune_run(workdir, 2, workdir)
+    assert not (tmp_path / "x").exists()

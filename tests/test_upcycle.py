@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cli_checks import assert_user_error, run_cli
+from cli_checks import run_cli
 from moe_jax import checkpoint, data, models, train, upcycle
 from moe_jax.models import encdec
 
@@ -169,7 +169,8 @@ def test_mismatched_models_and_workdirs_are_refused(dense_run, tmp_path):
         upcycle.upcycle_run(dense_run, tiny(4), dense_run, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="needs an MoE config"):
         upcycle.upcycle_run(dense_run, tiny(0), tmp_path / "x", devices=jax.devices()[:1])
-    out = tmp_path / "out"
-    result = run_cli("moe_jax.upcycle", [f"--dense_workdir={dense_run}", "--config=experiments/tiny_switch.py",
-                                         f"--workdir={out}"], ROOT)
-    assert_user_error(result, "model.d_model: 32 in the dense run, 128 in the config", not_created=[out])
+    from experiments import tiny_switch
+
+    with pytest.raises(ValueError, match="model.d_model: 32 in the dense run, 128 in the config"):
+        upcycle.upcycle_run(dense_run, tiny_switch.get_config(), tmp_path / "out", devices=jax.devices()[:1])
+    assert not (tmp_path / "out").exists()
