@@ -129,10 +129,11 @@ def machine():
 
 
 def commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(RESULTS))
+    """HEAD's short hash, and whether moe_jax/ or benchmarks/ differ from it (what was measured)."""
+    root = os.path.dirname(os.path.dirname(RESULTS))
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "moe_jax", "benchmarks"], capture_output=True,
-                           text=True, cwd=os.path.dirname(RESULTS)).stdout.strip()
+                           text=True, cwd=root).stdout.strip()
     return (result.stdout.strip() or "unknown") + (" + uncommitted changes" if dirty else "")
 
 

@@ -181,6 +181,8 @@ def compare_dispatch(path, token_counts, expert_counts, dispatchers, runs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="T=4096, E=8 only")
+    parser.add_argument("--tokens", default="4096,16384")
+    parser.add_argument("--experts", default="8,32")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--dispatchers", default=",".join(dispatch.DISPATCHERS))
     parser.add_argument("--dense_form", default="2d_matmul", help="a name in layer.DENSE_FORMS")
@@ -188,8 +190,8 @@ def main(argv=None):
                         help="a dispatch.py file: time the whole layer with it and with today's, alternated")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
-    token_counts = [4096] if args.quick else [4096, 16384]
-    expert_counts = [8] if args.quick else [8, 32]
+    token_counts = [4096] if args.quick else [int(t) for t in args.tokens.split(",")]
+    expert_counts = [8] if args.quick else [int(e) for e in args.experts.split(",")]
     dispatchers = args.dispatchers.split(",")
     if args.baseline_dispatch:
         compare_dispatch(args.baseline_dispatch, token_counts, expert_counts, dispatchers, args.runs)
@@ -208,7 +210,9 @@ def main(argv=None):
 
 
 def write_results(lines, args):
-    command = "python benchmarks/layer_breakdown.py" + (" --quick" if args.quick else "") + f" --runs {args.runs}"
+    command = ("python benchmarks/layer_breakdown.py" + (" --quick" if args.quick else
+                                                         f" --tokens {args.tokens} --experts {args.experts}")
+               + f" --runs {args.runs}")
     section = "\n".join([
         "## MoE layer: where the time goes", "", provenance(command),
         "Each stage jitted alone with the routing fixed (benchmarks/layer_breakdown.py says how); fwd and "

@@ -31,20 +31,21 @@ class Chip:
     hbm_bandwidth: float = 0.0  # bytes/s
     shapes: tuple[str, ...] = ()
     source: str = ""
+    ici_bandwidth: float = 0.0  # bytes/s per chip: the published "Interchip Interconnect BW" in Gbps / 8; 0: unknown
 
 
 CHIPS = {
     "v4": Chip("TPU v4", 275e12, ("TPU v4",), source="Google Cloud, TPU v4: https://cloud.google.com/tpu/docs/v4"),
     "v5e": Chip("TPU v5e", 197e12, ("TPU v5 lite", "TPU v5e"), "16 GB", 15.75 * GiB, 819e9,
                 ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
-                "Google Cloud, TPU v5e key chip specifications: https://cloud.google.com/tpu/docs/v5e"),
+                "Google Cloud, TPU v5e key chip specifications: https://cloud.google.com/tpu/docs/v5e", 1600e9 / 8),
     "v5p": Chip("TPU v5p", 459e12, ("TPU v5p", "TPU v5"), "95 GB", 95.74 * GiB, 2765e9,
                 ("2x2x1", "2x2x2", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16", "8x16x16", "16x16x16",
                  "16x16x24"),
-                "Google Cloud, TPU v5p key chip specifications: https://cloud.google.com/tpu/docs/v5p"),
+                "Google Cloud, TPU v5p key chip specifications: https://cloud.google.com/tpu/docs/v5p", 4800e9 / 8),
     "v6e": Chip("TPU v6e", 918e12, ("TPU v6 lite", "TPU v6e"), "32 GB", 31.25 * GiB, 1640e9,
                 ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
-                "Google Cloud, TPU v6e key chip specifications: https://cloud.google.com/tpu/docs/v6e"),
+                "Google Cloud, TPU v6e key chip specifications: https://cloud.google.com/tpu/docs/v6e", 3584e9 / 8),
     "h100": Chip("NVIDIA H100", 989e12, ("NVIDIA H100 80GB HBM3",), source="NVIDIA H100 data sheet (SXM, dense)"),
     "h200": Chip("NVIDIA H200", 989e12, ("NVIDIA H200",), source="NVIDIA H200 data sheet (SXM, dense)"),
 }

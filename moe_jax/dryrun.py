@@ -20,6 +20,10 @@ The report (printed, and written to `<workdir>/dryrun.json`):
   * the collectives in the compiled HLO: how many and how many bytes per chip of all-to-all, all-reduce,
     all-gather, reduce-scatter and collective-permute, static (ops in the HLO) and per step (ops inside
     the layer loop counted once per iteration);
+  * the share of the step (matmuls at peak, all-to-all at the ICI bandwidth) in routing, dispatch + combine,
+    the experts, the rest and all-to-all, from the MoE layer's named scopes (program_costs.MOE_SCOPES);
+  * under `--load_skew` (load_skew.py): expert goodput per chip (useful / padding / lost), the busiest chip's
+    expert rows, step-time floor and all-to-all bytes of real rows, and memory as compiled vs sized to the load;
   * trace, lower and compile times;
   * the mesh's placement on the torus: a mesh axis whose size is no product of whole physical axes makes
     `sharding.make_mesh` split a physical axis (its collectives get less bandwidth); the header line says so.
@@ -50,10 +54,11 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 
-from moe_jax import config_validation, sharding, train  # noqa: E402
+from moe_jax import config_validation, load_skew, sharding, train  # noqa: E402
 from moe_jax.chips import GiB, Chip  # noqa: E402
 from moe_jax.chips import TOPOLOGY_CHIPS as CHIPS  # noqa: E402  (the generations a dry run compiles for)
-from moe_jax.program_costs import COLLECTIVES, hlo_collectives, matmul_flops, state_bytes  # noqa: E402
+from moe_jax.program_costs import (COLLECTIVES, hlo_collectives, matmul_flops, matmul_flops_by_scope,  # noqa: E402
+                                   state_bytes)
 
 
 # --------------------------------------------------------------------------------------------- topologies
@@ -230,6 +235,8 @@ def _step_report(name, traced, trace_s, mesh, chip, num_chips, model_flops_per_s
     flops_per_chip = flops_global / num_chips
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    by_stage = {scope: flops / num_chips for scope, flops in matmul_flops_by_scope(traced.jaxpr).items()}
+    collectives = hlo_collectives(hlo)
     report = dict(
         **times,
         memory_per_chip=_memory(compiled, chip),
@@ -237,12 +244,25 @@ def _step_report(name, traced, trace_s, mesh, chip, num_chips, model_flops_per_s
             matmul_per_chip=flops_per_chip,
             matmul_global=flops_global,
             model_per_chip=model_flops_per_step / num_chips if model_flops_per_step else None,
+            matmul_per_chip_by_stage=by_stage,
             xla_cost_analysis_per_chip_loop_bodies_once=float(cost.get("flops", 0.0)) if cost else None,
         ),
         step_time_floor_s=flops_per_chip / chip.peak_bf16_flops,
-        collectives=hlo_collectives(hlo),
+        step_shares=_step_shares(by_stage, collectives["all-to-all"]["bytes_per_step"], chip),
+        collectives=collectives,
     )
     return report, hlo
+
+
+def _step_shares(by_stage: dict, all_to_all_bytes: float, chip: Chip) -> dict:
+    """Shares of a step-time estimate (matmuls at peak + all-to-all bytes at the ICI bandwidth, not overlapped)
+    spent in routing, dispatch + combine, the experts, the rest of the model, and all-to-all."""
+    seconds = {name: by_stage[scope] / chip.peak_bf16_flops for name, scope in
+               (("routing", "moe_router"), ("experts", "moe_experts"), ("other", "other"))}
+    seconds["dispatch"] = (by_stage["moe_dispatch"] + by_stage["moe_combine"]) / chip.peak_bf16_flops
+    seconds["all_to_all"] = all_to_all_bytes / chip.ici_bandwidth if chip.ici_bandwidth else 0.0
+    total = sum(seconds.values()) or 1.0
+    return {name: value / total for name, value in seconds.items()}
 
 
 def check_inputs(cfg, topology: str) -> tuple[Chip, int]:
@@ -262,13 +282,14 @@ def check_inputs(cfg, topology: str) -> tuple[Chip, int]:
 
 
 def dry_run(cfg, topology: str, *, include_eval: bool = True, hlo_texts: Optional[dict] = None,
-            config_name: str = "") -> dict:
+            config_name: str = "", load_skew_spec: str = "uniform") -> dict:
     """Compile `cfg`'s train step (and eval step) for `topology`; the report as a dict (see module doc).
 
     Raises DryRunError for a bad topology / mesh / missing libtpu, ValueError for a bad config (as the trainer
     does), DoesNotFit when the step needs more HBM than the chip has.
     """
     check_inputs(cfg, topology)
+    load_skew.parse(load_skew_spec)
     chip, devices = topology_devices(topology)
     num_chips = len(devices)
     run, traced = trace_steps(cfg, devices, STEPS if include_eval else STEPS[:1])
@@ -278,6 +299,8 @@ def dry_run(cfg, topology: str, *, include_eval: bool = True, hlo_texts: Optiona
     params = run.family.count_params(model)
     tokens = cfg.data.batch_size * cfg.data.seq_len
     model_flops = run.family.flops_per_token(model, cfg.data.seq_len) * tokens
+    moe_shape = load_skew.moe_shape(model)
+    load_LE, load_description = load_skew.loads(load_skew_spec, moe_shape) if moe_shape else (None, "")
 
     common = dict(mesh=run.mesh, chip=chip, num_chips=num_chips, cfg=cfg, topology=topology,
                   mesh_shape=mesh_shape, state=state, config_name=config_name)
@@ -302,6 +325,14 @@ def dry_run(cfg, topology: str, *, include_eval: bool = True, hlo_texts: Optiona
         state_bytes=state,
         train_step=train_report,
     )
+    if moe_shape is not None:
+        flops, coll = train_report["flops"], train_report["collectives"]
+        report["load_skew"] = load_skew.skew_report(
+            moe_shape, load_LE, tokens_per_step=tokens, num_chips=num_chips, expert_axis=mesh_shape[1], chip=chip,
+            compiled_matmul_per_chip=flops["matmul_per_chip"],
+            compiled_expert_matmul_per_chip=flops["matmul_per_chip_by_stage"]["moe_experts"],
+            compiled_all_to_all_bytes=coll["all-to-all"]["bytes_per_step"],
+            compiled_peak_bytes=train_report["memory_per_chip"]["xla_peak"], description=load_description)
     if include_eval:
         eval_report, hlo = _step_report("eval step", *traced["eval_step"], model_flops_per_step=model_flops / 3,
                                         **common)
@@ -374,6 +405,11 @@ def format_report(report: dict) -> str:
         for top in coll.get("largest", [])[:1]:
             lines.append(f"  largest: {top['kind']} {top['type'].lstrip('(')} x{top['per_step']} = "
                          f"{_size(top['bytes_per_step'])} from {_source(top['op_name'])}")
+        if step.get("step_shares"):
+            lines.append("  step shares (matmuls at peak + all-to-all at ICI bandwidth): " + ", ".join(
+                f"{name} {share:.1%}" for name, share in step["step_shares"].items()))
+    if report.get("load_skew"):
+        lines += load_skew.format_lines(report["load_skew"], _size)
     return "\n".join(lines)
 
 
@@ -395,6 +431,9 @@ def _define_flags() -> None:
             f"{gen}:{{{','.join(chip.shapes)}}}" for gen, chip in CHIPS.items()))
     _FLAGS["workdir"] = flags.DEFINE_string("workdir", "runs/dryrun", "Where dryrun.json (and libtpu's logs) go.")
     _FLAGS["eval"] = flags.DEFINE_bool("eval", True, "Also compile the eval step.")
+    _FLAGS["load_skew"] = flags.DEFINE_string(
+        "load_skew", "uniform", "Expert load for the per-chip expert work: uniform | worst | observed:RUN (the "
+        "most skewed logged step of the run in RUN).")
     flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -419,6 +458,11 @@ def main(argv) -> int:
     del argv
     cfg, topology, workdir = _FLAGS["config"].value, _FLAGS["topology"].value, _FLAGS["workdir"].value
     check_inputs(cfg, topology)  # a mistake is an `error:` line (cli.run) and leaves no workdir behind
+    skew = _FLAGS["load_skew"].value
+    kind, skew_run = load_skew.parse(skew)
+    if kind == "observed" and not os.path.isfile(os.path.join(skew_run, "metrics.jsonl")):
+        raise FileNotFoundError(f"--load_skew={skew}: no {os.path.join(skew_run, 'metrics.jsonl')} (give the "
+                                f"workdir of a training run)")
     created = _first_missing(workdir)
     os.makedirs(workdir, exist_ok=True)
     os.environ.setdefault("TPU_LOG_DIR", os.path.join(os.path.abspath(workdir), "tpu_logs"))
@@ -426,7 +470,7 @@ def main(argv) -> int:
     try:
         hlo_texts = {}
         report = dry_run(cfg, topology, include_eval=_FLAGS["eval"].value, hlo_texts=hlo_texts,
-                         config_name=_config_name())
+                         config_name=_config_name(), load_skew_spec=skew)
     except DoesNotFit as error:
         with open(path, "w") as f:
             json.dump(dict(error.report, topology=topology), f, indent=2)

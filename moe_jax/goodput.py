@@ -37,7 +37,7 @@ def row_flops(d_model: int, d_ff: int, gated: bool) -> float:
 
 
 def layer_rows(dispatcher: str, route, padding_mask_GS: Optional[jax.Array], k: int, *, row_flops: float,
-               block_size: int = 64) -> dict:
+               block_size: Optional[int] = None) -> dict:
     """{`expert_rows_computed`, `expert_rows_useful`, `expert_rows_lost`, `expert_row_flops`} float32 scalars
     of one routing decision. `k` is the choices a token asks for (expert choice: the average, so lost is 0
     when the experts take k per token)."""
@@ -75,7 +75,7 @@ def split_from_flops(useful: float, padding: float, lost: float) -> dict:
 
 
 def expected_rows(dispatcher: str, load_E, *, num_groups: int, group_size: int, k: int,
-                  capacity: Optional[int], block_size: int = 64, grouped_matmul: str = "blocks",
+                  capacity: Optional[int], block_size: Optional[int] = None, grouped_matmul: str = "blocks",
                   on_experts: slice = slice(None)) -> dict:
     """{computed, useful, lost} rows of one MoE layer when expert e receives a fraction load_E[e] of the
     G*S*k assignments in every group (the dry run's model of a step; numbers, not arrays), counted over the
@@ -98,6 +98,7 @@ def expected_rows(dispatcher: str, load_E, *, num_groups: int, group_size: int, 
     if grouped_matmul == "ragged":
         return dict(computed=useful, useful=useful, lost=0.0)
     base = num_groups * group_size * k // E
+    block_size = block_size or dispatch.overflow_block_size(base)
     overflow_E = np.maximum(np.ceil(rows_E) - base, 0)
     computed = float(experts * base + sum(math.ceil(o / block_size) * block_size for o in overflow_E))
     return dict(computed=computed, useful=useful, lost=0.0)
