@@ -2,14 +2,14 @@
 experiments/ablations/distill.py (8 experts, 100 steps, 3 seeds) against the share of experts removed, for
 each `moe_jax.prune` method, with no further training.
 
-    python -m moe_jax.sweep --sweep=experiments/ablations/distill.py --workdir=runs/ablations   # the runs
     python experiments/ablations/prune.py --workdir=runs/ablations
 
-Not a training sweep (nothing is trained), so not a `moe_jax.sweep` file: for every (seed, method, experts
-kept) this driver does what `python -m moe_jax.prune` does, in one process and without writing run
-directories (`run_all`), skips seeds already done (`runs/ablations/prune/s<seed>.json`), scores experts on 8
-held-out batches after the run's own 4 eval batches and measures eval CE on the latter, and writes
-experiments/results/prune.{md,csv,png}.
+first runs `python -m moe_jax.sweep --sweep=experiments/ablations/prune.py --workdir=runs/ablations` (this
+file's variants are the three teachers; the runner reuses experiments/ablations/distill.py's identical runs),
+then, for every (seed, method, experts kept), does what `python -m moe_jax.prune` does, in one process and
+without writing run directories (`run_all`), skips seeds already done (`runs/ablations/prune/s<seed>.json`),
+scores experts on 8 held-out batches after the run's own 4 eval batches and measures eval CE on the latter,
+and writes experiments/results/prune.{md,csv,png} (the runner alone writes only the teachers' table).
 """
 
 import argparse
@@ -31,8 +31,23 @@ METHODS = ("load", "router_mass", "merge")
 NUM_EXPERTS = 8
 
 
+def variants(scale):
+    """The runs pruned here: tiny_switch, 100 steps, one per seed (the teachers of distill.py)."""
+    from moe_jax import sweep
+
+    return {f"switch 100 s{seed}": sweep.base(scale, laptop_steps=100).override({"train.seed": seed})
+            for seed in SEEDS}
+
+
+def analysis(results, scale):
+    return ("These are the runs that experiments/ablations/prune.py prunes; run that file for the pruning "
+            "table, plot and analysis.")
+
+
 def teacher_dir(workdir: pathlib.Path, seed: int) -> pathlib.Path:
-    return workdir / "distill" / f"switch_100_s{seed}"
+    """This sweep's run, or distill.py's identical one that the runner reused instead of training it again."""
+    own = workdir / "prune" / f"switch_100_s{seed}"
+    return own if (own / "checkpoints").exists() else workdir / "distill" / f"switch_100_s{seed}"
 
 
 def run_all(workdir: pathlib.Path, seeds=SEEDS) -> list[dict]:
@@ -115,8 +130,8 @@ def write(rows, results_dir: pathlib.Path, command: str) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     lines = [
         "# Expert pruning and merging: eval CE against the share of experts removed (tiny_switch, 3 seeds)", "",
-        f"- command: `{command}` (after `python -m moe_jax.sweep --sweep=experiments/ablations/distill.py "
-        f"--workdir=runs/ablations`, which trains the three `switch 100 s<seed>` runs pruned here)",
+        f"- command: `{command}` (it first runs the sweep of this file's three `switch 100 s<seed>` runs, which "
+        f"reuses experiments/ablations/distill.py's identical teachers)",
         f"- machine: {platform.machine()} {platform.system()} {platform.release()}, 2 CPU cores shared with other jobs",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- git commit: {commit} (moe_jax/prune.py as committed there)", "",
@@ -134,11 +149,11 @@ def write(rows, results_dir: pathlib.Path, command: str) -> None:
     lines += ["", "![eval CE against experts removed](prune.png)", "", "## The claim", "",
               "The issue asks whether up to 30% of the experts can be removed without measurable loss. The Switch "
               "Transformer paper does not prune experts; the claim comes from later expert-pruning work and is "
-              "tested here only at laptop scale, without retraining.", "", "## Analysis", "", analysis(table)]
+              "tested here only at laptop scale, without retraining.", "", "## Analysis", "", pruning_analysis(table)]
     (results_dir / "prune.md").write_text("\n".join(lines) + "\n")
 
 
-def analysis(table) -> str:
+def pruning_analysis(table) -> str:
     text = []
     for method in METHODS:
         one = table[(method, 7)]
@@ -170,5 +185,12 @@ if __name__ == "__main__":
     parser.add_argument("--results_dir", default=str(REPO / "experiments" / "results"))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     args = parser.parse_args()
+    import tempfile
+
+    from moe_jax import sweep
+
+    teachers = tempfile.mkdtemp()  # the runner's own table of the teachers is not the result
+    sweep.main(["--sweep", str(pathlib.Path(__file__).resolve()), "--workdir", str(pathlib.Path(args.workdir).resolve()),
+                "--results_dir", teachers])
     rows = run_all(pathlib.Path(args.workdir).resolve(), [int(s) for s in args.seeds.split(",")])
     write(rows, pathlib.Path(args.results_dir), "python experiments/ablations/prune.py " + " ".join(sys.argv[1:]))
