@@ -231,7 +231,8 @@ def test_every_experiment_mesh_on_every_topology():
             else:
                 assert "expert" in split, (name, topology, shape, split)
     # The Switch configs' expert axis of 8 does not fit a 4-chip slice; nothing else is refused.
-    assert sorted(refused) == sorted((name, topology) for name in ("moe_base", "switch_base", "switch_large")
+    assert sorted(refused) == sorted((name, topology) for name in ("moe_base", "switch_base", "switch_large",
+                                                                   "switch_base_encdec", "switch_large_encdec")
                                      for topology in ("v5p:2x2x1", "v5e:2x2"))
 
 
