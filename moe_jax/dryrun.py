@@ -158,6 +158,12 @@ def _knobs(cfg, mesh_shape: tuple, num_devices: int) -> list[str]:
     return knobs
 
 
+def _layer_count(model_cfg) -> str:
+    if "num_encoder_layers" in model_cfg:
+        return f"{model_cfg.num_encoder_layers} + {model_cfg.num_decoder_layers}"
+    return str(model_cfg.num_layers)
+
+
 def _does_not_fit(cfg, topology, chip, mesh_shape, state, error, step_name, config_name) -> DoesNotFit:
     oom = _oom_line(error) or str(error).splitlines()[0]
     needed = re.search(r"required for (.+?) \(([\d.]+\s*[KMGT]i?B?)\) exceeds available HBM \(([\d.]+\s*[KMGT]i?B?)\)",
@@ -170,7 +176,7 @@ def _does_not_fit(cfg, topology, chip, mesh_shape, state, error, step_name, conf
     knobs = _knobs(cfg, mesh_shape, math.prod(mesh_shape))
     message = (
         f"Does not fit: the {step_name} of {config_name or 'this config'} (d_model={cfg.model.d_model}, "
-        f"{cfg.model.num_layers} layers, {cfg.model.moe.num_experts} experts, batch {cfg.data.batch_size} x "
+        f"{_layer_count(cfg.model)} layers, {cfg.model.moe.num_experts} experts, batch {cfg.data.batch_size} x "
         f"{cfg.data.seq_len}) on --topology={topology} ({math.prod(mesh_shape)} x {chip.name}, "
         f"{chip.hbm} HBM each) with mesh (data, expert, model) = {tuple(mesh_shape)} needs "
         f"{what}; parameters and optimizer state alone take {state_gib:.2f} GiB per chip. What helps: "
