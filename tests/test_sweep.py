@@ -111,10 +111,12 @@ def test_every_ablation_builds_at_both_scales(path):
         loaded = sweep.load_sweep(str(path), scale)
         assert len(loaded.variants) >= 2
         assert "python -m moe_jax.sweep --sweep=experiments/ablations/" in loaded.module.__doc__
-        # Laptop variants start from the tiny configs, so a retune of those configs reaches every sweep.
+        # Laptop variants start from the tiny configs (the encoder-decoder twins derive from them), so a retune
+        # of those configs reaches every sweep.
         bases = {v.config.split(":")[0] for v in loaded.variants.values()}
-        assert bases <= ({"experiments/tiny_switch.py", "experiments/tiny_dense.py"} if scale == "laptop" else
-                         {"experiments/switch_base.py", "experiments/t5_base.py"})
+        laptop = {f"experiments/{name}.py" for name in ("tiny_switch", "tiny_dense", "t5_tiny_switch", "t5_tiny_dense")}
+        paper = {f"experiments/{name}.py" for name in ("switch_base", "t5_base", "switch_base_encdec", "t5_base_encdec")}
+        assert bases <= (laptop if scale == "laptop" else paper)
 
 
 def test_bad_sweep_files_and_variants_fail_clearly(tmp_path, capsys):
