@@ -78,7 +78,8 @@ def analysis(results, scale):
         means[point] = (mean, std, n)
         delta = mean - dense_mean
         noise = max(std, dense_std) if n > 1 else float("nan")
-        dropped = statistics.fmean(s.dropped_fraction for s in groups.get(point, [])) if point != "dense" else None
+        runs = groups.get(point, [])
+        dropped = statistics.fmean(s.dropped_fraction for s in runs) if point != "dense" and runs else None
         rows.append(f"| {point} | {sweep.num(-mean)} ± {sweep.num(std)} ({n}) | "
                     f"{'–' if point == 'dense' else sweep.num(-delta, '+.4f')} | "
                     f"{'–' if point == 'dense' else sweep.num(-delta / noise, '+.1f')} | "
