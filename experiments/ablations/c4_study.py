@@ -23,12 +23,10 @@ Expected: see experiments/results/c4_study.md (2-core CPU, 3-8 minutes per 300-s
 
 import functools
 import math
-import pathlib
-import statistics
 
+from experiments.ablations.c4_byte import REAL_TEXT, _stats
 from moe_jax import sweep
 
-C4_SAMPLE = sweep.REPO.parent / "shared" / "data" / "c4_sample.jsonl.gz"
 TOKENIZER_DIR = sweep.REPO / "runs" / "tokenizers"
 SEEDS = (0, 1, 2)
 STEPS = 300
@@ -40,10 +38,6 @@ and find Switch ahead of dense at equal FLOPs per token throughout; capacity fac
 load-balancing weight 1e-2, no z-loss in the base recipe (ST-MoE later adds z-loss 1e-3). Only the sign and the size
 of the Switch-minus-dense gap against the seed noise can be compared at this scale.
 """
-
-REAL_TEXT = {"data.source": "jsonl", "data.paths": str(C4_SAMPLE), "data.eval_fraction": 0.05,
-             "data.tokenizer": "byte", "model.vocab_size": 259, "train.eval_steps": 16}
-
 
 @functools.cache
 def sentencepiece(vocab_size: int) -> tuple[str, int]:
@@ -99,13 +93,6 @@ def variants(scale):
 
 
 # --------------------------------------------------------------------------------------------- analysis
-
-
-def _stats(values):
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return float("nan"), float("nan"), 0
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan"), len(values)
 
 
 @functools.cache
