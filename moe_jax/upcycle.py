@@ -17,7 +17,7 @@ With neither, renormalised top-k weights (`model.moe.normalize=True`) and a capa
 exactly the dense model's function at step 0: each token's k experts are the same MLP and their weights sum to
 one. (Padding tokens are not routed and leave the MoE layer as zeros, but no real token sees them.)
 
-`layer_params` / `set_layer_params` give any model's parameters under per-layer keys (the decoder stores layers
+`layer_params` / `set_layer_params` give any model's parameters under per-layer keys (both families store layers
 scanned in blocks of `moe.every`, so a dense and an MoE decoder store the same layer under different paths);
 distillation (`moe_jax.distill`) uses them to copy a teacher's non-expert weights too.
 """
@@ -50,31 +50,46 @@ class LayerParam:
 # --------------------------------------------------------------------------------------------- layer view
 
 
-def _scanned_layers_per_block(model) -> Optional[int]:
-    """Layers per scanned block for the decoder family (params stored as blocks.layers[j][block]), else None."""
-    if models.name_of(model.config) != "decoder":
-        return None
-    from moe_jax.models import decoder
+def _scanned_stacks(model) -> dict[tuple, tuple[str, int]]:
+    """Storage path of each scanned stack's layers -> (the layer key's name, layers per block): the decoder's
+    `blocks.layers`, the encoder-decoder's `encoder_blocks.layers` and `decoder_blocks.layers`."""
+    name = models.name_of(model.config)
+    if name == "decoder":
+        from moe_jax.models import decoder
 
-    return decoder.layers_per_block(model.config)
+        return {("blocks", "layers"): ("layer", decoder.layers_per_block(model.config))}
+    if name == "encdec":
+        from moe_jax.models import encdec
+
+        return {(f"{stack}_blocks", "layers"): (f"{stack}_layer", encdec.layers_per_block(model.config, stack))
+                for stack in ("encoder", "decoder")}
+    return {}
 
 
 def _names(variable) -> tuple:
     return tuple(variable.get_metadata().get("out_sharding") or ())
 
 
+def _layer_keys(stacks, path, num_blocks: int) -> Optional[list[Key]]:
+    """The per-layer keys of the rows of a scanned parameter at `path` (None: not in a scanned stack)."""
+    if path[:2] not in stacks:
+        return None
+    name, per_block = stacks[path[:2]]
+    return [(name, block * per_block + path[2], *path[3:]) for block in range(num_blocks)]
+
+
 def layer_params(model) -> dict[Key, LayerParam]:
     """Every `nnx.Param` of `model` under a key that names the layer, not the storage: the decoder's layer
-    `i = block * every + j`, stored at `blocks.layers[j]` row `block`, becomes `("layer", i, *rest)`; other
-    paths (the encoder-decoder's `encoder_layers[i]...`, embeddings, norms) are kept as they are."""
-    per_block = _scanned_layers_per_block(model)
+    `i = block * every + j`, stored at `blocks.layers[j]` row `block`, becomes `("layer", i, *rest)` (the
+    encoder-decoder's `("encoder_layer", i, ...)` and `("decoder_layer", i, ...)`); other paths (embeddings,
+    norms, position biases) are kept as they are."""
+    stacks = _scanned_stacks(model)
     out = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value, names = variable.get_value(), _names(variable)
-        if per_block is not None and path[:2] == ("blocks", "layers"):
-            j, rest = path[2], path[3:]
-            for block in range(value.shape[0]):
-                out[("layer", block * per_block + j, *rest)] = LayerParam(value[block], names[1:])
+        keys = _layer_keys(stacks, tuple(path), value.shape[0] if value.ndim else 0)
+        if keys is not None:
+            out.update({key: LayerParam(value[block], names[1:]) for block, key in enumerate(keys)})
         else:
             out[tuple(path)] = LayerParam(value, names)
     return out
@@ -83,11 +98,11 @@ def layer_params(model) -> dict[Key, LayerParam]:
 def set_layer_params(model, values: dict[Key, jax.Array]) -> None:
     """Write copies of `values` (keys of `layer_params`; a subset is fine) into `model`'s parameters in place,
     each placed like the parameter it replaces."""
-    per_block = _scanned_layers_per_block(model)
+    stacks = _scanned_stacks(model)
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         old = variable.get_value()
-        if per_block is not None and path[:2] == ("blocks", "layers"):
-            keys = [("layer", block * per_block + path[2], *path[3:]) for block in range(old.shape[0])]
+        keys = _layer_keys(stacks, tuple(path), old.shape[0] if old.ndim else 0)
+        if keys is not None:
             if not any(key in values for key in keys):
                 continue
             new = jnp.stack([values[key] if key in values else old[block] for block, key in enumerate(keys)])

@@ -103,7 +103,7 @@ def test_remat_and_tied_head_keep_the_math():
     logits, _ = tied(encoder, decoder, deterministic=True)
     embedded = jnp.take(tied.embedding[...], decoder, axis=0)
     positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    hidden = tied.decoder_norm(tied._run(tied.decoder_layers, embedded, dict(
+    hidden = tied.decoder_norm(tied._run(tied.decoder_blocks, embedded, dict(
         mask_B1LT=layers.attention_mask(jnp.ones((2, 8), jnp.int32)), bias_BHLT=tied.decoder_bias(positions, positions),
         padding_mask_BL=jnp.ones((2, 8), bool), token_ids_BL=decoder, deterministic=True,
         encoded_BTd=tied.encode(encoder, deterministic=True)[0],

@@ -118,7 +118,7 @@ def test_encdec_upcycle_equals_dense_on_a_span_corruption_batch():
     dense = family.create(encdec_config(0), nnx.Rngs(params=0, dropout=1))
     sparse = family.create(encdec_config(4), nnx.Rngs(params=1, dropout=2))
     report = upcycle.upcycle(dense, sparse)
-    assert {k.split("/")[0] for k in report["experts"]} == {"encoder_layers", "decoder_layers"}
+    assert {k.split("/")[0] for k in report["experts"]} == {"encoder_layer", "decoder_layer"}
     batch = span_corruption_batch()
     kwargs = dict(deterministic=True, aux_loss_weight=0.0, z_loss_weight=0.0)
     want, _ = family.loss_fn(dense, batch, **kwargs)

@@ -15,8 +15,10 @@ cross-attention inside one example. Decoder routing is causal with the default t
 use `moe.batch_prioritized` or expert choice, which look at the whole input.
 
 Attention scales logits by 1/sqrt(head dim) (jax.nn.dot_product_attention); T5 instead folds that factor
-into its initialisation. The layers run in Python loops, not a scan: compile time grows with depth;
-`model.remat` rematerialises each layer in the backward pass as in the decoder.
+into its initialisation. As in the decoder, each stack is a scan over identical *blocks* of `moe.<stack>_every`
+layers (the last one MoE; one layer per block in a dense model), created with `nnx.vmap`, so the parameters carry
+a leading "layers" axis and compile time does not grow with depth; `model.remat` rematerialises each block in
+the backward pass.
 
 Aux: `aux["encoder"]` and `aux["decoder"]` hold each stack's MoE-layer metrics stacked on a leading layer
 axis; `loss_fn` reports their concatenation (encoder layers first) as `metrics["moe"]`.
@@ -64,6 +66,18 @@ def moe_every(cfg, stack: str) -> int:
     return every
 
 
+def layers_per_block(cfg, stack: str) -> int:
+    return moe_every(cfg, stack) if layers.is_moe(cfg) else 1
+
+
+def num_blocks(cfg, stack: str) -> int:
+    count, every = cfg[f"num_{stack}_layers"], layers_per_block(cfg, stack)
+    if count % every:
+        raise ValueError(f"model.num_{stack}_layers={count} must be a multiple of model.moe.{stack}_every={every}: "
+                         f"each stack is scanned in identical blocks of `every` layers")
+    return count // every
+
+
 def validate_config(cfg) -> None:
     layers.validate_config(cfg)
     for key in ("num_encoder_layers", "num_decoder_layers", "relative_attention_num_buckets",
@@ -73,7 +87,9 @@ def validate_config(cfg) -> None:
     if cfg.relative_attention_num_buckets % 2:
         raise ValueError(f"model.relative_attention_num_buckets={cfg.relative_attention_num_buckets} must be even "
                          f"(half of them for each direction in the encoder)")
-    moe_every(cfg, "encoder"), moe_every(cfg, "decoder")
+    for stack in ("encoder", "decoder"):
+        moe_every(cfg, stack)
+        num_blocks(cfg, stack)
 
 
 def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,
@@ -154,8 +170,20 @@ def _with_group_size(cfg, group_size: Optional[int]):
     return ml_collections.FrozenConfigDict(changed)
 
 
-def _stack_aux(auxes: list[dict]) -> dict:
-    return {key: jnp.stack([a[key] for a in auxes]) for key in auxes[0]} if auxes else {}
+class EncDecBlock(nnx.Module):
+    """`layers_per_block` layers of one stack; the last holds the MoE layer when the model has experts."""
+
+    def __init__(self, cfg, *, stack: str, rngs: nnx.Rngs, group_size: Optional[int] = None):
+        n = layers_per_block(cfg, stack)
+        self.layers = nnx.List([EncDecLayer(cfg, cross=stack == "decoder", moe=layers.is_moe(cfg) and i == n - 1,
+                                            rngs=rngs, group_size=group_size) for i in range(n)])
+
+    def __call__(self, x_BLd, **kwargs):
+        aux = {}
+        for layer in self.layers:
+            x_BLd, layer_aux = layer(x_BLd, **kwargs)
+            aux.update(layer_aux)
+        return x_BLd, aux
 
 
 class EncoderDecoder(nnx.Module):
@@ -167,34 +195,41 @@ class EncoderDecoder(nnx.Module):
         self.config = cfg
         self.dtype = layers.dtype("model.dtype", cfg.dtype)
         self._remat, self._remat_policy = layers.remat_policy(cfg.remat)
-        d, V, moe = cfg.d_model, cfg.vocab_size, layers.is_moe(cfg)
+        d, V = cfg.d_model, cfg.vocab_size
         self.embedding = layers.embedding(rngs, V, d)
         self.encoder_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs)
         self.decoder_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs)
-        enc_every, dec_every = moe_every(cfg, "encoder"), moe_every(cfg, "decoder")
-        self.encoder_layers = nnx.List([EncDecLayer(cfg, cross=False, moe=moe and (i + 1) % enc_every == 0, rngs=rngs)
-                                        for i in range(cfg.num_encoder_layers)])
-        self.decoder_layers = nnx.List([EncDecLayer(cfg, cross=True, moe=moe and (i + 1) % dec_every == 0, rngs=rngs,
-                                                    group_size=cfg.moe.get("decoder_group_size"))
-                                        for i in range(cfg.num_decoder_layers)])
+
+        def make_stack(stack, group_size=None):
+            @nnx.split_rngs(splits=num_blocks(cfg, stack))
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs):
+                return EncDecBlock(cfg, stack=stack, rngs=rngs, group_size=group_size)
+
+            return make_blocks(rngs)
+
+        self.encoder_blocks = make_stack("encoder")
+        self.decoder_blocks = make_stack("decoder", cfg.moe.get("decoder_group_size"))
         self.encoder_norm = layers.rms_norm(d, self.dtype, rngs)
         self.decoder_norm = layers.rms_norm(d, self.dtype, rngs)
         if not cfg.tie_embeddings:
             self.unembedding = layers.kernel(rngs, (d, V), ("embed", "vocab"), scale=cfg.init_scale)
 
-    def _run(self, stack, x_BLd, kwargs):
-        """The layers of one stack in order (each rematerialised as `model.remat` says) -> (x, stacked aux)."""
-        def apply(layer, x_BLd):
-            x_BLd, aux = layer(x_BLd, **kwargs)
+    def _run(self, blocks, x_BLd, kwargs):
+        """One stack's blocks, scanned (each rematerialised as `model.remat` says) -> (x, aux stacked on the
+        block axis: one entry per MoE layer)."""
+        def block_fn(block, x_BLd):
+            x_BLd, aux = block(x_BLd, **kwargs)
             return sharding.constrain(x_BLd, ("batch", "length", "embed")), aux
 
         if self._remat:
-            apply = nnx.remat(apply, policy=self._remat_policy)
-        auxes = []
-        for layer in stack:
-            x_BLd, aux = apply(layer, x_BLd)
-            auxes += [aux] if aux else []
-        return x_BLd, _stack_aux(auxes)
+            block_fn = nnx.remat(block_fn, policy=self._remat_policy)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def scan_blocks(x_BLd, block):
+            return block_fn(block, x_BLd)
+
+        return scan_blocks(x_BLd, blocks)
 
     def encode(self, tokens_BL, *, segment_ids=None, positions=None, deterministic=False):
         """-> (encoded [B, L, d], aux of the encoder's MoE layers)."""
@@ -205,7 +240,7 @@ class EncoderDecoder(nnx.Module):
                       bias_BHLT=self.encoder_bias(positions, positions), padding_mask_BL=segment_ids > 0,
                       token_ids_BL=tokens_BL, deterministic=deterministic)
         x_BLd = jnp.take(self.embedding[...], tokens_BL, axis=0).astype(self.dtype)
-        x_BLd, aux = self._run(self.encoder_layers, x_BLd, kwargs)
+        x_BLd, aux = self._run(self.encoder_blocks, x_BLd, kwargs)
         return self.encoder_norm(x_BLd), aux
 
     def __call__(self, encoder_tokens_BL, decoder_tokens_BL, *, encoder_segment_ids=None, decoder_segment_ids=None,
@@ -223,7 +258,7 @@ class EncoderDecoder(nnx.Module):
                       encoded_BTd=encoded_BTd,
                       cross_mask_B1LT=layers.attention_mask(dec_segments, enc_segments, causal=False))
         x_BLd = jnp.take(self.embedding[...], decoder_tokens_BL, axis=0).astype(self.dtype)
-        x_BLd, decoder_aux = self._run(self.decoder_layers, x_BLd, kwargs)
+        x_BLd, decoder_aux = self._run(self.decoder_blocks, x_BLd, kwargs)
         x_BLd = self.decoder_norm(x_BLd)
         if self.config.tie_embeddings:  # T5 v1.0: the shared embedding as the head, on x / sqrt(d_model)
             logits = jnp.einsum("BLd,Vd->BLV", x_BLd * self.config.d_model ** -0.5,
@@ -295,7 +330,7 @@ def flops_per_token(model: EncoderDecoder, seq_len: int) -> float:
     width = cfg.num_heads * layers.head_dim(cfg)
     attention = 12 * width * (cfg.num_encoder_layers * seq_len
                               + cfg.num_decoder_layers * share * (decoder_length + seq_len))
-    return float(6 * (active(model.encoder_layers) + share * (active(model.decoder_layers)
+    return float(6 * (active(model.encoder_blocks) + share * (active(model.decoder_blocks)
                                                               + cfg.d_model * cfg.vocab_size)) + attention)
 
 
