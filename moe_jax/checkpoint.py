@@ -255,9 +255,13 @@ def load_run_config(workdir: str | epath.Path):
         values = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
-    from moe_jax import train
+    from moe_jax import models, train
 
     cfg = train.default_config()
+    model_name = (values.get("model") or {}).get("name")
+    if model_name:  # the family's own keys (e.g. the encoder-decoder's layer counts) at their defaults first
+        cfg.model.name = model_name
+        cfg = models.with_family_defaults(cfg)
     cfg.update_from_flattened_dict({k: v for k, v in _flatten(values).items() if _has_key(cfg, k)})
     return cfg
 

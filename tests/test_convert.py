@@ -236,3 +236,84 @@ def test_a_run_is_written_straight_into_the_shardings_of_its_mesh(tmp_path):
     expected = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     assert set(restored) == set(expected)
     assert all(np.array_equal(np.asarray(restored[p]), np.asarray(v.get_value())) for p, v in expected.items())
+
+
+SWITCH = "SwitchTransformersForConditionalGeneration"
+
+
+def switch_config(**overrides):
+    """A tiny Switch Transformer: 4 + 4 layers, head dim 16 with d_model 32 (q wider than the model), 8 buckets
+    out to distance 20 (inputs of 40 reach the log-spaced buckets), capacity above any sequence here."""
+    values = dict(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=48, num_layers=4, num_decoder_layers=4,
+                  num_sparse_encoder_layers=2, num_sparse_decoder_layers=4, num_heads=4, num_experts=5,
+                  expert_capacity=64, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                  initializer_factor=1.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    config = transformers.SwitchTransformersConfig(**{**values, **overrides})
+    config._attn_implementation = "eager"
+    return config
+
+
+def switch_logits(model, encoder_BL, decoder_BL):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(encoder_BL), decoder_input_ids=torch.tensor(decoder_BL)).logits.numpy()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # the released checkpoints' layout: tied head (x d_model^-0.5), ReLU; experts every other encoder layer
+    dict(tie_word_embeddings=False, dense_act_fn="gelu_new", num_sparse_decoder_layers=2, num_decoder_layers=2),
+], ids=["tied-relu", "untied-gelu"])
+def test_switch_transformers_import_matches_hf_and_export_round_trips(overrides, tmp_path):
+    torch.manual_seed(0)
+    reference = transformers.SwitchTransformersForConditionalGeneration(switch_config(**overrides)).eval()
+    with torch.no_grad():  # untied, transformers 5 gives each stack its own embedding; T5's share one
+        for stack in (reference.encoder, reference.decoder):
+            stack.embed_tokens.weight.copy_(reference.shared.weight)
+    reference.save_pretrained(tmp_path / "hf")
+    rng = np.random.RandomState(1)
+    encoder_BL, decoder_BL = rng.randint(0, VOCAB, (2, 40)), rng.randint(0, VOCAB, (2, 11))
+    expected = switch_logits(reference, encoder_BL, decoder_BL)
+
+    model, config = convert.from_hf(tmp_path / "hf")
+    assert config.model.name == "encdec" and config.model.moe.dispatcher == "dropless"
+    got, _ = model(jnp.asarray(encoder_BL), jnp.asarray(decoder_BL), deterministic=True)
+    difference = float(np.abs(np.asarray(got) - expected).max())
+    print(f"{SWITCH} {overrides}: max |logit difference| {difference:.2e} (logits up to {np.abs(expected).max():.1f})")
+    assert difference <= PARITY
+
+    out = convert.to_hf(model, config, tmp_path / "export")
+    again, config_again = convert.from_hf(out)
+    assert _flatten(config_again.model.to_dict()) == _flatten(config.model.to_dict())
+    assert all(np.array_equal(a, b) for a, b in zip(params(model), params(again), strict=True))
+    exported = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager").eval()
+    back = float(np.abs(switch_logits(exported, encoder_BL, decoder_BL) - np.asarray(got)).max())
+    print(f"{SWITCH} {overrides}: HF on our export vs ours: max |logit difference| {back:.2e}")
+    assert back <= PARITY
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_sparse_encoder_layers", 1, "puts experts in every 4th layer from layer 1"),
+    ("num_sparse_decoder_layers", 0, "a Switch model without experts in its decoder"),
+    ("router_bias", True, "router_bias=True has no counterpart in moe_jax"),
+    ("dense_act_fn", "gelu", "dense_act_fn='gelu' has no counterpart in moe_jax"),
+])
+def test_a_switch_layout_we_cannot_reproduce_is_an_error_naming_the_key(key, value, message, tmp_path):
+    config = switch_config(**{key: value})
+    config.architectures = [SWITCH]
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        convert.read_config(tmp_path)
+
+
+def test_the_tied_embedding_views_must_agree(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    torch.manual_seed(0)
+    transformers.SwitchTransformersForConditionalGeneration(switch_config()).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    if "encoder.embed_tokens.weight" not in tensors:  # a transformers that saves only shared.weight
+        tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"]
+    tensors["encoder.embed_tokens.weight"] = tensors["encoder.embed_tokens.weight"] + 1.0
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="tensor encoder.embed_tokens.weight differs from shared.weight"):
+        convert.from_hf(tmp_path)

@@ -112,3 +112,44 @@ def test_cli_mistakes_are_one_error_line(tmp_path):
                                          "--config.model.d_model=64"], cwd=ROOT)
     assert_user_error(result, "--config.model.d_model: only data.*, train.* and mesh.* can be set",
                       not_created=[tmp_path / "run"])
+
+
+def test_a_switch_transformer_converts_fine_tunes_with_span_corruption_and_exports(tmp_path):
+    """SwitchTransformersForConditionalGeneration -> an encoder-decoder run (its relative-attention settings
+    kept through config.json) -> two span-corruption steps on text -> an HF directory with the tuned logits."""
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=400, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=2,
+        num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_experts=4, relative_attention_num_buckets=8,
+        relative_attention_max_distance=20)  # 400 ids: the byte tokenizer's 259 and 100 sentinels fit
+    torch.manual_seed(0)
+    reference = transformers.SwitchTransformersForConditionalGeneration(config).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(["the router sends each token to the expert it prefers"] * 200))
+    run = tmp_path / "run"
+    result = run_cli("moe_jax.convert", [
+        f"--from_hf={tmp_path / 'hf'}", f"--workdir={run}", "--config.data.source=text", f"--config.data.paths={text}",
+        "--config.data.batch_size=2", "--config.data.seq_len=64", "--config.train.learning_rate=3e-3",
+        "--config.train.warmup_steps=1", "--config.train.log_every=1", "--config.train.eval_every=100",
+        "--config.train.eval_steps=1"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = fine_tune(run, steps=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(run)) == [1, 2]
+    assert json.loads((run / "config.json").read_text())["model"]["relative_attention_num_buckets"] == 8
+
+    out = tmp_path / "exported"
+    result = run_cli("moe_jax.convert", [f"--to_hf={out}", f"--workdir={run}"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager").eval()
+    rng = np.random.RandomState(0)
+    # the run's routing groups: 2 x 64 encoder tokens, 2 x 14 decoder tokens (the targets of 64 inputs)
+    encoder_BL, decoder_BL = rng.randint(0, 400, (2, 64)), rng.randint(0, 400, (2, 14))
+    model, _ = checkpoint.restore_model(run, devices=jax.devices()[:1])
+    tuned = np.asarray(model(jnp.asarray(encoder_BL), jnp.asarray(decoder_BL), deterministic=True)[0])
+    with torch.no_grad():
+        hf_tuned, hf_start = (m(input_ids=torch.tensor(encoder_BL), decoder_input_ids=torch.tensor(decoder_BL))
+                              .logits.numpy() for m in (exported, reference))
+    assert float(np.abs(hf_tuned - tuned).max()) <= 1e-4
+    assert float(np.abs(hf_tuned - hf_start).max()) > 1e-3  # the export is the fine-tuned model

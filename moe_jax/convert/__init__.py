@@ -6,7 +6,8 @@
     convert.to_hf(model, config, "path/to/out")             # transformers' from_pretrained reads it
 
 Architectures (`ARCHITECTURES`): MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM,
-Qwen3MoeForCausalLM. A directory holds config.json and model.safetensors or a sharded
+Qwen3MoeForCausalLM onto our decoder; SwitchTransformersForConditionalGeneration onto our encoder-decoder
+(`model(encoder_tokens_BL, decoder_tokens_BL, deterministic=True)`). A directory holds config.json and model.safetensors or a sharded
 model.safetensors.index.json; tensors are read and written one at a time (safetensors_io.py), so a large
 checkpoint is never held twice. Only numpy and safetensors are needed: no torch, no transformers.
 The run-directory side (write a run that `moe_jax.main` fine-tunes, export a run's step) is runs.py, the CLI
@@ -25,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.convert import hf_config, mapping, mixtral, olmoe, qwen_moe
+from moe_jax.convert import hf_config, mapping, mixtral, olmoe, qwen_moe, switch
 from moe_jax.convert.safetensors_io import ShardedWriter, TensorReader
 
-ARCHITECTURES = {a.name: a for a in (mixtral.ARCHITECTURE, olmoe.ARCHITECTURE, qwen_moe.QWEN2, qwen_moe.QWEN3)}
+ARCHITECTURES = {a.name: a for a in (mixtral.ARCHITECTURE, olmoe.ARCHITECTURE, qwen_moe.QWEN2, qwen_moe.QWEN3,
+                                     switch.ARCHITECTURE)}
 
 
 def read_config(path: str | pathlib.Path):
@@ -71,10 +73,8 @@ def hf_values(model_cfg, architecture: hf_config.Architecture, reader: TensorRea
     """(path, float32 numpy value) for every parameter of `abstract_params` (a flat [(path, variable)] list
     of our model's Params), read from the HF checkpoint one parameter at a time. Raises ValueError for a shape
     mismatch, a missing tensor, or checkpoint tensors that nothing reads."""
-    from moe_jax.models import decoder
-
-    num_blocks = decoder.num_blocks(model_cfg)
     used = set()
+    available = set(reader.names())
 
     def get(name):
         used.add(name)
@@ -84,8 +84,8 @@ def hf_values(model_cfg, architecture: hf_config.Architecture, reader: TensorRea
             raise ValueError(f"{error.args[0]} (expected by {architecture.name} with this config.json)") from None
 
     for path, variable in abstract_params:
-        yield path, mapping.import_parameter(model_cfg, architecture.moe_names, path, tuple(variable.shape), get,
-                                             num_blocks)
+        yield path, mapping.import_parameter(architecture.place(model_cfg, path), path, tuple(variable.shape), get,
+                                             has_hf=available.__contains__)
     unused = [n for n in reader.names() if n not in used and not n.endswith(mapping.IGNORED_HF_TENSORS)]
     if unused:
         raise ValueError(f"{reader.directory}: tensors with no counterpart in moe_jax ({len(unused)}): "
@@ -93,8 +93,8 @@ def hf_values(model_cfg, architecture: hf_config.Architecture, reader: TensorRea
 
 
 def from_hf(path: str | pathlib.Path):
-    """(model, config) of a local HF MoE directory: our decoder with the checkpoint's weights and the
-    routing that reproduces HF (dropless top-k), and the run config it belongs to (`config.model`)."""
+    """(model, config) of a local HF MoE directory: our decoder (or encoder-decoder) with the checkpoint's
+    weights and the routing that reproduces HF (dropless top-k), and the run config it belongs to (`config.model`)."""
     from moe_jax import models
 
     cfg, architecture = read_config(path)
@@ -130,20 +130,18 @@ def architecture_for(model_cfg, name: Optional[str] = None) -> hf_config.Archite
 
 def to_hf(model, config, path: str | pathlib.Path, *, architecture: Optional[str] = None,
           max_shard_bytes: int = 5 << 30) -> pathlib.Path:
-    """Write `model` (our decoder; `config` its run config or `model` section) as an HF directory:
+    """Write `model` (our decoder or encoder-decoder; `config` its run config or `model` section) as an HF
+    directory:
     config.json + model.safetensors (sharded above `max_shard_bytes`, with model.safetensors.index.json).
     `architecture`: an `ARCHITECTURES` name; None picks the one that has the model's settings."""
-    from moe_jax.models import decoder
-
     model_cfg = config.model if "model" in config else config
     chosen = architecture_for(model_cfg, architecture)
     values = chosen.hf_config(model_cfg)
     directory = pathlib.Path(path)
-    num_blocks = decoder.num_blocks(model_cfg)
     with ShardedWriter(directory, max_shard_bytes=max_shard_bytes) as writer:
         for path_, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             array = np.asarray(variable.get_value(), dtype=np.float32)
-            for name, tensor in mapping.export_parameter(model_cfg, chosen.moe_names, path_, array, num_blocks):
+            for name, tensor in mapping.export_parameter(chosen.place(model_cfg, path_), array):
                 writer.add(name, tensor)
     (directory / "config.json").write_text(json.dumps(values, indent=2, sort_keys=True))
     return directory

@@ -8,7 +8,7 @@ reproduce (e.g. `sliding_window: null`), or known to have no effect on the logit
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import ml_collections
 
@@ -105,6 +105,7 @@ def hf_decoder_config(cfg, *, architecture: str, model_type: str, num_experts_ke
                       d_ff: int) -> dict:
     """config.json values every architecture here shares, from our `model` config (ValueError naming the
     setting that cannot be expressed)."""
+    require(cfg, "name", ("decoder",), f"{architecture} is a decoder-only language model")
     require(cfg, "activation", ("swiglu",), f"{architecture} experts are SwiGLU")
     require(cfg, "moe.router", ("top_k",), f"{architecture} routes by softmax top-k")
     if not layers.is_moe(cfg):
@@ -151,3 +152,13 @@ class Architecture:
     model_config: Callable[[HfConfig], ml_collections.ConfigDict]
     hf_config: Callable[[Any], dict]
     matches: Callable[[Any], bool]  # whether one of our configs is this architecture's (for to_hf's default)
+    # (model cfg, our parameter path) -> its mapping.Placement; None: the decoder layout (mapping.placement)
+    placement: Optional[Callable[[Any, tuple], Any]] = None
+
+    def place(self, cfg, path: tuple):
+        """Where our parameter at `path` lives in this architecture's checkpoint (a `mapping.Placement`)."""
+        if self.placement is not None:
+            return self.placement(cfg, path)
+        from moe_jax.convert import mapping
+
+        return mapping.placement(cfg, self.moe_names, path)

@@ -46,13 +46,16 @@ class Tensor:
     hf: str
     in_dims: Optional[int] = None
     same_shape: bool = False
+    scale: float = 1.0  # ours = HF x scale (T5's query, whose 1/sqrt(head dim) HF folds into the weights)
+    copies: tuple = ()  # HF tensors that hold the same values (T5's per-stack views of the shared embedding)
 
     def to_ours(self, hf_array: np.ndarray, shape: tuple) -> np.ndarray:
-        if self.in_dims is None:
-            return hf_array.reshape(shape)
-        return hf_array.T.reshape(shape)
+        array = hf_array.reshape(shape) if self.in_dims is None else hf_array.T.reshape(shape)
+        return array * np.float32(self.scale) if self.scale != 1.0 else array
 
     def to_hf(self, array: np.ndarray) -> np.ndarray:
+        if self.scale != 1.0:
+            array = array / np.float32(self.scale)
         if self.in_dims is None:
             return array if self.same_shape else array.reshape(-1)
         return array.reshape(math.prod(array.shape[:self.in_dims]), -1).T
@@ -111,53 +114,64 @@ class Placement:
 
 
 def placement(cfg, names: MoeNames, path: Path) -> Placement:
-    """The HF home of our parameter at `path`; ValueError when the architecture has none for it."""
+    """The HF home of our decoder's parameter at `path`; ValueError when the architecture has none for it."""
     top = top_level_tensors(cfg)
     if path in top:
         return Placement(top[path])
     if len(path) > 3 and path[:2] == ("blocks", "layers"):
-        j, inside = int(path[2]), tuple(path[3:])
-        every = cfg.moe.every if layers.is_moe(cfg) else 1
-        moe = layers.is_moe(cfg) and j == every - 1
-        tensors = layer_tensors(cfg, names, moe=moe)
-        if inside in tensors:
-            experts = cfg.moe.num_experts if "{e}" in tensors[inside].hf else 0
-            return Placement(tensors[inside], lambda b: b * every + j, experts)
+        where = layer_placement(cfg, path, cfg.moe.every if layers.is_moe(cfg) else 1,
+                                lambda moe: layer_tensors(cfg, names, moe=moe))
+        if where is not None:
+            return where
     raise ValueError(f"our parameter {'.'.join(map(str, path))} has no counterpart in this Hugging Face "
                      f"architecture (a model setting it does not have)")
 
 
-def hf_names(cfg, names: MoeNames, path: Path, num_blocks: int) -> list[str]:
-    """Every HF tensor name our parameter at `path` is made of, in stacking order (block, then expert)."""
-    where = placement(cfg, names, path)
+def layer_placement(cfg, path: Path, every: int, tensors_of: Callable[[bool], dict]) -> Optional[Placement]:
+    """The placement of a scanned layer's parameter, `path` = (stack, "layers", j, *inside) for layer j of
+    blocks of `every` (the last one MoE); `tensors_of(moe)`: that layer's {inside: Tensor}. None: no tensor."""
+    j, inside = int(path[2]), tuple(path[3:])
+    tensors = tensors_of(layers.is_moe(cfg) and j == every - 1)
+    if inside not in tensors:
+        return None
+    experts = cfg.moe.num_experts if "{e}" in tensors[inside].hf else 0
+    return Placement(tensors[inside], lambda b: b * every + j, experts)
+
+
+def hf_names(where: Placement, num_blocks: int) -> list[str]:
+    """Every HF tensor name a parameter placed at `where` is made of, in stacking order (block, then expert)."""
     if where.layer_of_block is None:
         return [where.tensor.hf]
     return [where.tensor.hf.format(i=where.layer_of_block(b), e=e)
             for b in range(num_blocks) for e in (range(where.num_experts) if where.num_experts else [None])]
 
 
-def import_parameter(cfg, names: MoeNames, path: Path, shape: tuple, get_hf: Callable[[str], np.ndarray],
-                     num_blocks: int) -> np.ndarray:
-    """Our parameter at `path` (float32, `shape`) assembled from its HF tensors, read by `get_hf(name)`."""
-    where = placement(cfg, names, path)
+def import_parameter(where: Placement, path: Path, shape: tuple, get_hf: Callable[[str], np.ndarray],
+                     has_hf: Callable[[str], bool] = lambda name: False) -> np.ndarray:
+    """Our parameter at `path` (float32, `shape`; placed at `where`) assembled from its HF tensors, read by
+    `get_hf(name)`. Copies of a tensor that the checkpoint holds (`has_hf`) must hold the same values."""
     rule = where.tensor
     if where.layer_of_block is None:
-        return _checked(rule, rule.hf, get_hf(rule.hf), shape)
+        value = _checked(rule, rule.hf, get_hf(rule.hf), shape)
+        for copy in (c for c in rule.copies if has_hf(c)):
+            if not np.array_equal(get_hf(copy), get_hf(rule.hf)):
+                raise ValueError(f"tensor {copy} differs from {rule.hf}; moe_jax has one tensor for both "
+                                 f"({'/'.join(map(str, path))})")
+        return value
     per_tensor = shape[2:] if where.num_experts else shape[1:]
-    arrays = [_checked(rule, name, get_hf(name), per_tensor) for name in hf_names(cfg, names, path, num_blocks)]
+    arrays = [_checked(rule, name, get_hf(name), per_tensor) for name in hf_names(where, shape[0])]
     return np.stack(arrays).reshape(shape)
 
 
-def export_parameter(cfg, names: MoeNames, path: Path, array: np.ndarray,
-                     num_blocks: int) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, HF tensor) pairs of our parameter at `path`."""
-    where = placement(cfg, names, path)
+def export_parameter(where: Placement, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, HF tensor) pairs of our parameter placed at `where`."""
     rule = where.tensor
     if where.layer_of_block is None:
-        yield rule.hf, rule.to_hf(array)
+        for name in (rule.hf, *rule.copies):
+            yield name, rule.to_hf(array)
         return
     per_tensor = array.reshape((-1,) + array.shape[2 if where.num_experts else 1:])
-    for name, part in zip(hf_names(cfg, names, path, num_blocks), per_tensor):
+    for name, part in zip(hf_names(where, array.shape[0]), per_tensor):
         yield name, rule.to_hf(part)
 
 

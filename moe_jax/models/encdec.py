@@ -131,13 +131,13 @@ class EncDecLayer(nnx.Module):
 
     def __init__(self, cfg, *, cross: bool, moe: bool, rngs: nnx.Rngs, group_size: Optional[int] = None):
         dt = layers.dtype("model.dtype", cfg.dtype)
-        self.self_norm = layers.rms_norm(cfg.d_model, dt, rngs)
+        self.self_norm = layers.rms_norm(cfg.d_model, dt, rngs, eps=layers.norm_eps(cfg))
         self.self_attention = layers.Attention(cfg, rngs=rngs)
         if cross:
-            self.cross_norm = layers.rms_norm(cfg.d_model, dt, rngs)
+            self.cross_norm = layers.rms_norm(cfg.d_model, dt, rngs, eps=layers.norm_eps(cfg))
             self.cross_attention = layers.Attention(cfg, rngs=rngs)
         self.has_cross, self.is_moe = cross, moe
-        self.ffn_norm = layers.rms_norm(cfg.d_model, dt, rngs)
+        self.ffn_norm = layers.rms_norm(cfg.d_model, dt, rngs, eps=layers.norm_eps(cfg))
         self.ffn = layers.make_moe_layer(_with_group_size(cfg, group_size), rngs=rngs) if moe else layers.Mlp(
             cfg, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
@@ -210,8 +210,8 @@ class EncoderDecoder(nnx.Module):
 
         self.encoder_blocks = make_stack("encoder")
         self.decoder_blocks = make_stack("decoder", cfg.moe.get("decoder_group_size"))
-        self.encoder_norm = layers.rms_norm(d, self.dtype, rngs)
-        self.decoder_norm = layers.rms_norm(d, self.dtype, rngs)
+        self.encoder_norm = layers.rms_norm(d, self.dtype, rngs, eps=layers.norm_eps(cfg))
+        self.decoder_norm = layers.rms_norm(d, self.dtype, rngs, eps=layers.norm_eps(cfg))
         if not cfg.tie_embeddings:
             self.unembedding = layers.kernel(rngs, (d, V), ("embed", "vocab"), scale=cfg.init_scale)
 
