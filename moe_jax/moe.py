@@ -55,6 +55,8 @@ class MoeLayer(nnx.Module):
       group_size: tokens per routing group (S). Groups hold whole sequences in order, or a sequence is cut
         into group_size pieces: group_size must divide B*L and be a multiple or a divisor of L.
       min_capacity: lower bound on slots per expert per group.
+      expert_capacity: slots per expert per group in training and evaluation, overriding the capacity factors
+        (HF Switch Transformers' fixed `expert_capacity`); None: from the factors.
       activation: 'relu' | 'gelu' | 'swiglu' | 'geglu'.
       num_shared_experts: always-on dense FFNs of width d_ff added to the routed output.
       shared_d_ff: the shared experts' total hidden width (None: num_shared_experts * d_ff).
@@ -69,7 +71,8 @@ class MoeLayer(nnx.Module):
 
     def __init__(self, *, d_model: int, d_ff: int, num_experts: int, k: int = 1, router: str = "top_k",
                  dispatcher: str = "einsum", capacity_factor: float = 1.25, eval_capacity_factor: float = 2.0,
-                 group_size: int = 1024, min_capacity: int = 1, activation: str = "relu",
+                 group_size: int = 1024, min_capacity: int = 1, expert_capacity: Optional[int] = None,
+                 activation: str = "relu",
                  num_shared_experts: int = 0, init_scale: float = 0.1, jitter: float = 0.0,
                  expert_dropout: float = 0.0, dropout: float = 0.0, normalize: bool = False,
                  batch_prioritized: bool = False, vocab_size: Optional[int] = None,
@@ -82,6 +85,8 @@ class MoeLayer(nnx.Module):
                             ("group_size", group_size), ("min_capacity", min_capacity)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if expert_capacity is not None and (not isinstance(expert_capacity, (int, np.integer)) or expert_capacity < 1):
+            raise ValueError(f"expert_capacity must be a positive integer or None, got {expert_capacity!r}")
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= num_experts:
             raise ValueError(f"k must be an integer in [1, num_experts={num_experts}], got {k!r}")
         for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
@@ -96,7 +101,7 @@ class MoeLayer(nnx.Module):
         self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
         self.router, self.dispatcher, self.activation = router, dispatcher, activation
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.group_size, self.min_capacity = group_size, min_capacity
+        self.group_size, self.min_capacity, self.expert_capacity = group_size, min_capacity, expert_capacity
         self.jitter, self.expert_dropout = jitter, expert_dropout
         self.normalize, self.batch_prioritized = normalize, batch_prioritized
         self.bias_update_rate = bias_update_rate
@@ -167,6 +172,8 @@ class MoeLayer(nnx.Module):
         mask_GS = None if padding_mask is None else padding_mask.reshape(G, S).astype(bool)
         cf = self.eval_capacity_factor if deterministic else self.capacity_factor
         capacity = routing.expert_capacity(S, self.num_experts, cf, k=self.k, min_capacity=self.min_capacity)
+        if self.expert_capacity is not None:
+            capacity = self.expert_capacity
         if decode:
             capacity = S if decode_capacity_factor is None else routing.expert_capacity(
                 S, self.num_experts, decode_capacity_factor, k=self.k, min_capacity=self.min_capacity)

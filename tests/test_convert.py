@@ -317,3 +317,27 @@ def test_the_tied_embedding_views_must_agree(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="tensor encoder.embed_tokens.weight differs from shared.weight"):
         convert.from_hf(tmp_path)
+
+
+def test_switch_transformers_capacity_drops_the_tokens_hf_drops(tmp_path):
+    """HF's fixed expert_capacity per sequence is ours with groups of one sequence: at capacity 3 for 40 tokens
+    and 5 experts most tokens are dropped, and the logits are still HF's; dropless ones are not."""
+    torch.manual_seed(0)
+    reference = transformers.SwitchTransformersForConditionalGeneration(switch_config(expert_capacity=3)).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    rng = np.random.RandomState(1)
+    encoder_BL, decoder_BL = rng.randint(0, VOCAB, (2, 40)), rng.randint(0, VOCAB, (2, 11))
+    expected = switch_logits(reference, encoder_BL, decoder_BL)
+    dropless, config = convert.from_hf(tmp_path / "hf")
+    assert config.model.moe.expert_capacity == 3
+    got, _ = dropless(jnp.asarray(encoder_BL), jnp.asarray(decoder_BL), deterministic=True)
+    assert float(np.abs(np.asarray(got) - expected).max()) > 1e-2  # HF dropped tokens that dropless keeps
+    # Each stack's routing group is one of its sequences: 40 encoder tokens, 11 decoder tokens.
+    capped, _ = convert.from_hf(tmp_path / "hf", overrides={
+        "moe.dispatcher": "index", "moe.group_size": 40, "moe.decoder_group_size": 11})
+    got, aux = capped(jnp.asarray(encoder_BL), jnp.asarray(decoder_BL), deterministic=True)
+    dropped = float(np.mean(aux["encoder"]["dropped_fraction"]))
+    difference = float(np.abs(np.asarray(got) - expected).max())
+    print(f"{SWITCH} at expert_capacity 3: {dropped:.0%} of encoder tokens dropped, max |logit difference| "
+          f"{difference:.2e}")
+    assert dropped > 0.3 and difference <= PARITY

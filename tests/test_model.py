@@ -171,6 +171,19 @@ def test_bad_config_values_name_their_key():
         M.Transformer(tiny_config(remat="sometimes"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="model.moe.k=5"):
         M.Transformer(tiny_config(moe=tiny_moe(k=5)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="model.moe.expert_capacity=0 must be a positive integer"):
+        M.Transformer(tiny_config(moe=tiny_moe(expert_capacity=0)), rngs=nnx.Rngs(0))
+
+
+def test_a_fixed_expert_capacity_replaces_the_capacity_factors():
+    """`model.moe.expert_capacity=1`: one slot per expert per group, in training and evaluation alike."""
+    inputs = random_tokens(0)
+    for deterministic in (True, False):
+        model = M.Transformer(tiny_config(moe=tiny_moe(expert_capacity=1, dispatcher="index")), rngs=nnx.Rngs(0))
+        _, aux = model(inputs, deterministic=deterministic)
+        groups = inputs.size // L
+        np.testing.assert_array_equal(aux["expert_rows_computed"], 4 * groups)  # 4 experts x 1 slot per group
+        assert float(np.min(aux["dropped_fraction"])) >= 1 - 4 / L
 
 
 def test_dropout_only_in_training():

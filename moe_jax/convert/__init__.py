@@ -92,12 +92,16 @@ def hf_values(model_cfg, architecture: hf_config.Architecture, reader: TensorRea
                          f"{unused[:8]}{' ...' if len(unused) > 8 else ''}")
 
 
-def from_hf(path: str | pathlib.Path):
+def from_hf(path: str | pathlib.Path, *, overrides: Optional[dict] = None):
     """(model, config) of a local HF MoE directory: our decoder (or encoder-decoder) with the checkpoint's
-    weights and the routing that reproduces HF (dropless top-k), and the run config it belongs to (`config.model`)."""
+    weights and the routing that reproduces HF (dropless top-k), and the run config it belongs to (`config.model`).
+
+    `overrides`: `model` settings to change before the model is built, e.g. HF Switch Transformers' dropping
+    (a fixed `expert_capacity` per sequence): `{"moe.dispatcher": "index", "moe.group_size": sequence_length}`."""
     from moe_jax import models
 
     cfg, architecture = read_config(path)
+    cfg.model.update_from_flattened_dict(dict(overrides or {}))
     reader = TensorReader(path)
     create = lambda: models.get(cfg).create(cfg.model, nnx.Rngs(params=0, dropout=1))
     # Shapes only, then each parameter from the checkpoint: no random initialisation to compute and replace.

@@ -12,8 +12,11 @@ Two layout differences are folded into the weights:
   layers for steps 1 and 2 (every released checkpoint); other steps are refused.
 
 Capacity: HF drops the tokens of a sequence beyond `expert_capacity` per expert (64 in the released
-checkpoints). The import routes dropless, so its logits are HF's whenever HF drops nothing (sequences of up to
-`expert_capacity` tokens, or balanced enough); the export writes an `expert_capacity` no sequence reaches.
+checkpoints), first come first served along the sequence. The import keeps that number as
+`model.moe.expert_capacity` but routes dropless, so its logits are HF's whenever HF drops nothing (sequences of
+up to `expert_capacity` tokens, or balanced enough); with `model.moe.dispatcher=index` (or einsum) and
+`model.moe.group_size` = the sequence length it drops exactly HF's tokens. The export writes
+`model.moe.expert_capacity`, or, when unset, a capacity no sequence reaches (HF then drops nothing).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def model_config(hf: hf_config.HfConfig):
     m.every = m.encoder_every
     m.dispatcher = "dropless"  # see the module docstring on expert_capacity
     m.group_size = 1
-    hf.take("expert_capacity", None)
+    m.expert_capacity = int(hf.take("expert_capacity"))  # used by a capacity dispatcher, not by dropless
     hf.expect("router_bias", (False,), "the router has no bias")
     m.router_dtype = hf.expect("router_dtype", ("float32", "bfloat16"), "routers run in float32 or bfloat16")
     m.jitter = float(hf.take("router_jitter_noise", 0.0))  # the same multiplicative input jitter, training only
@@ -112,7 +115,7 @@ def hf_config_of(cfg) -> dict:
         "num_decoder_layers": cfg.num_decoder_layers, "num_experts": moe.num_experts,
         "num_sparse_encoder_layers": cfg.num_encoder_layers // every["encoder"],
         "num_sparse_decoder_layers": cfg.num_decoder_layers // every["decoder"],
-        "expert_capacity": NO_DROPS_CAPACITY,
+        "expert_capacity": moe.get("expert_capacity") or NO_DROPS_CAPACITY,
         "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
         "relative_attention_max_distance": cfg.relative_attention_max_distance,
         "layer_norm_epsilon": layers.norm_eps(cfg), "dropout_rate": float(cfg.dropout),

@@ -73,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.moe.decode_capacity_factor = ml_collections.config_dict.placeholder(float)
     c.moe.group_size = 1024
     c.moe.min_capacity = 1
+    # slots per expert per routing group, in training and evaluation; None: from the capacity factors (HF's
+    # Switch Transformers: a fixed `expert_capacity` per sequence, i.e. group_size = the sequence length)
+    c.moe.expert_capacity = config_dict.placeholder(int)
     c.moe.aux_loss_weight = 1e-2
     c.moe.z_loss_weight = 0.0
     c.moe.jitter = 0.0

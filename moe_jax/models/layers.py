@@ -119,6 +119,10 @@ def validate_config(cfg) -> None:
                 isinstance(cfg.moe.shared_d_ff, int) and cfg.moe.shared_d_ff > 0 and cfg.moe.num_shared_experts):
             raise ValueError(f"model.moe.shared_d_ff={cfg.moe.shared_d_ff!r} must be a positive integer and needs "
                              f"model.moe.num_shared_experts > 0")
+        capacity = cfg.moe.get("expert_capacity")
+        if capacity is not None and not (isinstance(capacity, int) and capacity > 0):
+            raise ValueError(f"model.moe.expert_capacity={capacity!r} must be a positive integer (None: from "
+                             f"model.moe.capacity_factor / eval_capacity_factor)")
         if not 1 <= cfg.moe.k <= cfg.moe.num_experts:
             raise ValueError(f"model.moe.k={cfg.moe.k} must be in [1, model.moe.num_experts="
                              f"{cfg.moe.num_experts}]")
@@ -306,7 +310,7 @@ def make_moe_layer(cfg, *, rngs: nnx.Rngs):
         d_model=cfg.d_model, d_ff=expert_d_ff(cfg), num_experts=m.num_experts, k=m.k, router=m.router,
         dispatcher=m.dispatcher, capacity_factor=m.capacity_factor,
         eval_capacity_factor=m.eval_capacity_factor, group_size=m.group_size, min_capacity=m.min_capacity,
-        activation=cfg.activation, num_shared_experts=m.num_shared_experts, init_scale=cfg.init_scale,
+        expert_capacity=m.get("expert_capacity"), activation=cfg.activation, num_shared_experts=m.num_shared_experts, init_scale=cfg.init_scale,
         jitter=m.jitter, expert_dropout=m.expert_dropout, dropout=cfg.dropout, normalize=m.normalize,
         batch_prioritized=m.batch_prioritized, vocab_size=cfg.vocab_size, bias_update_rate=m.bias_update_rate,
         router_dtype=dtype("model.moe.router_dtype", m.router_dtype), dtype=dtype("model.dtype", cfg.dtype),
