@@ -2,7 +2,7 @@
 
     python -m moe_jax.upcycle --dense_workdir=runs/tiny_dense --config=experiments/tiny_switch.py \
         --workdir=runs/tiny_switch_upcycled [--noise=0.0 --drop_fraction=0.0 --seed=0 --step=N]
-    python -m moe_jax.main --config=experiments/tiny_switch.py --workdir=runs/tiny_switch_upcycled
+    python -m moe_jax.main --workdir=runs/tiny_switch_upcycled
 
 writes a run directory at step 0 (config.json and a step-0 checkpoint holding the state and the data iterator
 at its start) that `moe_jax.main` then trains like any run it resumes. Every expert of an MoE layer is a copy of
@@ -25,7 +25,6 @@ distillation (`moe_jax.distill`) uses them to copy a teacher's non-expert weight
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Optional
 
 import jax
@@ -294,9 +293,8 @@ def main(argv) -> int:
     print(f"wrote {workdir} at step 0 from {_FLAGS['dense_workdir'].value}: {len(report['experts'])} expert "
           f"weights copied from the dense MLPs, {len(report['copied'])} weights copied, fresh: "
           f"{', '.join(report['fresh']) or 'nothing'}")
-    config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
-    print("train it with: python -m moe_jax.main " + " ".join(config_args + [f"--workdir={workdir}"]) +
-          f" (or --config=moe_jax/convert/run_config.py:{workdir}: the config it was written with)")
+    print(f"train it with: python -m moe_jax.main --workdir={workdir} (the config it was written with; to change "
+          f"a setting: --config=moe_jax/convert/run_config.py:{workdir} --config.train.steps=...)")
     return 0
 
 

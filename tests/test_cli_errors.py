@@ -60,3 +60,9 @@ def test_main_cli_mistake_is_one_error_line_and_leaves_no_run_directory(tmp_path
 
 def test_missing_workdir_flag(tmp_path):
     assert_user_error(run_cli("moe_jax.main", ["--config=experiments/tiny_switch.py"], ROOT), "--workdir is required")
+
+
+def test_workdir_without_config_needs_a_run_to_continue(tmp_path):
+    assert_user_error(run_cli("moe_jax.main", [f"--workdir={tmp_path / 'new'}"], ROOT),
+                      "--config is required", "holds no run to continue (no config.json)",
+                      not_created=[tmp_path / "new"])

@@ -55,18 +55,18 @@ def eval_ce(workdir):
 def test_cli_upcycled_run_equals_dense_at_step_0_and_main_continues_it(dense_run, tmp_path):
     out = tmp_path / "upcycled"
     flags = ["--config=experiments/tiny_switch.py", *TINY_FLAGS, "--config.model.moe.normalize=True",
-             "--config.model.moe.eval_capacity_factor=8"]  # 8 experts, k=1: room for every token in each
+             "--config.model.moe.eval_capacity_factor=8",  # 8 experts, k=1: room for every token in each
+             "--config.train.steps=2", "--config.train.eval_every=2"]
     result = run_cli("moe_jax.upcycle", [f"--dense_workdir={dense_run}", *flags, f"--workdir={out}"], ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "train it with: python -m moe_jax.main --config=experiments/tiny_switch.py" in result.stdout
+    assert f"train it with: python -m moe_jax.main --workdir={out} " in result.stdout
     dense_ce, _, _ = eval_ce(dense_run)
     moe_ce, metrics, step = eval_ce(out)
     assert step == 0
     assert float(np.max(metrics["moe"]["dropped_fraction"])) == 0.0
     assert abs(moe_ce - dense_ce) < 1e-5, (moe_ce, dense_ce)
 
-    result = run_cli("moe_jax.main", [*flags, "--config.train.steps=2", "--config.train.eval_every=2",
-                                      f"--workdir={out}"], ROOT)
+    result = run_cli("moe_jax.main", [f"--workdir={out}"], ROOT)  # the config the upcycled run was written with
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from step 0" in result.stderr
     assert checkpoint.Checkpointer(out / "checkpoints").all_steps() == [0, 2]
