@@ -281,11 +281,11 @@ class Transformer(nnx.Module):
     def _logits(self, x_BLd: Array) -> Array:
         x_BLd = self.final_norm(x_BLd)
         if self.config.tie_embeddings:
-            logits_BLV = jnp.einsum("BLd,Vd->BLV", x_BLd, self.embedding[...].astype(self.dtype),
-                                    preferred_element_type=jnp.float32)
+            logits_BLV = layers.linear(x_BLd, self.embedding[...].astype(self.dtype), w_transposed=True,
+                                       preferred_element_type=jnp.float32)
         else:
-            logits_BLV = jnp.einsum("BLd,dV->BLV", x_BLd, self.unembedding[...].astype(self.dtype),
-                                    preferred_element_type=jnp.float32)
+            logits_BLV = layers.linear(x_BLd, self.unembedding[...].astype(self.dtype),
+                                       preferred_element_type=jnp.float32)
         return sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
 
 

@@ -261,11 +261,11 @@ class EncoderDecoder(nnx.Module):
         x_BLd, decoder_aux = self._run(self.decoder_blocks, x_BLd, kwargs)
         x_BLd = self.decoder_norm(x_BLd)
         if self.config.tie_embeddings:  # T5 v1.0: the shared embedding as the head, on x / sqrt(d_model)
-            logits = jnp.einsum("BLd,Vd->BLV", x_BLd * self.config.d_model ** -0.5,
-                                self.embedding[...].astype(self.dtype), preferred_element_type=jnp.float32)
+            logits = layers.linear(x_BLd * self.config.d_model ** -0.5, self.embedding[...].astype(self.dtype),
+                                   w_transposed=True, preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("BLd,dV->BLV", x_BLd, self.unembedding[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = layers.linear(x_BLd, self.unembedding[...].astype(self.dtype),
+                                   preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32), {"encoder": encoder_aux, "decoder": decoder_aux}
 
 

@@ -13,6 +13,7 @@ dim), "mlp", "expert", and "layers" for a scanned axis. sharding.py maps them on
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, Optional
 
 import jax
@@ -192,6 +193,30 @@ def attention_mask(segment_ids_BL: Array, kv_segment_ids_BT: Optional[Array] = N
 
 # --------------------------------------------------------------------------------------------- modules
 
+# How `linear` contracts: "2d" reshapes to one [tokens, in] x [in, out] matmul, "einsum" contracts the named
+# axes in place. The same dot on TPU and GPU; XLA:CPU runs the 2D form 1.4-1.5x faster (benchmarks/RESULTS.md),
+# so it is the default. benchmarks/train_step.py sets "einsum" to time the other form in the same process.
+MATMUL_FORM = "2d"
+
+
+def linear(x: Array, w: Array, *, contract: int = 1, w_transposed: bool = False,
+           preferred_element_type=None) -> Array:
+    """x [..., *in] times w [*in, *out] -> [..., *out], `in` the last `contract` axes of x and the first of w
+    (`w_transposed`: w is [*out, *in], e.g. a tied embedding [V, d] as the output head)."""
+    in_shape = x.shape[x.ndim - contract:]
+    out_shape = w.shape[:w.ndim - contract] if w_transposed else w.shape[contract:]
+    lead = x.shape[:x.ndim - contract]
+    if MATMUL_FORM == "einsum":
+        axes = range(x.ndim - contract, x.ndim)
+        w_axes = range(w.ndim - contract, w.ndim) if w_transposed else range(contract)
+        return jax.lax.dot_general(x, w, ((tuple(axes), tuple(w_axes)), ((), ())),
+                                   preferred_element_type=preferred_element_type)
+    size = math.prod(in_shape)
+    w_2d = w.reshape(-1, size).T if w_transposed else w.reshape(size, -1)
+    y = jnp.dot(x.reshape(-1, size), w_2d, preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *out_shape)
+
+
 
 class Attention(nnx.Module):
     """Multi-head attention with rotary positions; q kernel [d, H, k], k/v kernels [d, Hkv, k] (Hkv =
@@ -225,7 +250,7 @@ class Attention(nnx.Module):
 
     def _project(self, x_BLd: Array, name: str) -> Array:
         """[B, L, d] -> [B, L, heads, k]: the q, k or v projection with its bias and norm."""
-        out_BLHk = jnp.einsum("BLd,dHk->BLHk", x_BLd, getattr(self, name)[...].astype(self.dtype))
+        out_BLHk = linear(x_BLd, getattr(self, name)[...].astype(self.dtype))
         if hasattr(self, f"{name}_bias"):
             out_BLHk = out_BLHk + getattr(self, f"{name}_bias")[...].astype(self.dtype)
         if name != "value" and self.qk_norm == "head":
@@ -271,7 +296,7 @@ class Attention(nnx.Module):
         # Logits and softmax in float32 inside dot_product_attention whatever the input dtype.
         o_BLHk = jax.nn.dot_product_attention(q_BLHk, k_BTHk, v_BTHk, mask=mask_B1LT, bias=bias_BHLT,
                                               is_causal=mask_B1LT is None and causal)
-        out_BLd = jnp.einsum("BLHk,Hkd->BLd", o_BLHk, self.out[...].astype(dt))
+        out_BLd = linear(o_BLHk, self.out[...].astype(dt), contract=2)
         return out_BLd if cache is None else (out_BLd, (k_BTHk, v_BTHk))
 
 
@@ -289,16 +314,16 @@ class Mlp(nnx.Module):
 
     def __call__(self, x_BLd: Array) -> Array:
         dt = self.dtype
-        h_BLf = jnp.einsum("BLd,df->BLf", x_BLd, self.wi[...].astype(dt))
+        h_BLf = linear(x_BLd, self.wi[...].astype(dt))
         if self.activation == "relu":
             h_BLf = jax.nn.relu(h_BLf)
         elif self.activation == "gelu":
             h_BLf = jax.nn.gelu(h_BLf)
         else:
-            gate_BLf = jnp.einsum("BLd,df->BLf", x_BLd, self.wi_gate[...].astype(dt))
+            gate_BLf = linear(x_BLd, self.wi_gate[...].astype(dt))
             act = jax.nn.silu if self.activation == "swiglu" else jax.nn.gelu
             h_BLf = act(gate_BLf) * h_BLf
-        return jnp.einsum("BLf,fd->BLd", h_BLf, self.wo[...].astype(dt))
+        return linear(h_BLf, self.wo[...].astype(dt))
 
 
 def make_moe_layer(cfg, *, rngs: nnx.Rngs):
