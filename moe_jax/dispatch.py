@@ -14,7 +14,7 @@ width, f hidden width), plus N rows of an expert buffer and A = G*S*K (token, ch
 * ``dropless`` no buffer and no capacity: the kept (token, choice) pairs in expert-major order, a grouped
                matmul, back to token order. `jax.lax.ragged_dot` on TPU / GPU; on CPU, where ragged_dot is a
                dense masked matmul over all groups, a batched matmul over each expert's first A/E rows plus a loop
-               over block-padded overflow rows (see `_dropless_dispatch`).
+               over block-padded overflow rows (grouped_ffn.py).
 
 All three give the same output for the same Routing (to float tolerance): only kept assignments are
 computed, and each comes back multiplied by its combine weight. With a capacity large enough that nothing
@@ -37,12 +37,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from moe_jax import sharding
+from moe_jax import buffer_rows, grouped_ffn, sharding
 from moe_jax.routing import Routing
 
 # Logical axes of the [E, G, C, d] expert buffer: experts on 'expert', groups on what remains of the batch axes.
@@ -113,21 +113,7 @@ class ExpertFFN:
 
     def hidden(self, h: Array, gate: Optional[Array], rng: Optional[Array]) -> Array:
         """Activation (gated where `gate` is given) and expert dropout on the hidden units."""
-        return _hidden(h, gate, rng, self.activation, self.dropout_rate)
-
-
-def _hidden(h, gate, rng, activation, dropout_rate):
-    if activation == "relu":
-        h = jax.nn.relu(h)
-    elif activation == "gelu":
-        h = jax.nn.gelu(h)
-    else:
-        act = jax.nn.silu if activation == "swiglu" else jax.nn.gelu
-        h = act(gate) * h
-    if dropout_rate > 0 and rng is not None:
-        keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, h.shape)
-        h = jnp.where(keep, h / (1.0 - dropout_rate), 0).astype(h.dtype)
-    return h
+        return grouped_ffn.hidden_units(h, gate, rng, self.activation, self.dropout_rate)
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -287,10 +273,10 @@ def _through_experts(experts, x_ENd, exchange: Optional[str]):
 def _einsum_dispatch(x_GSd, routing, experts, transport_dtype):
     with jax.named_scope("moe_dispatch"):  # the one-hot tensor's einsum
         stages = einsum_stages(x_GSd.shape, routing, experts, transport_dtype)
-    return _run_stages(stages, x_GSd)
+    return buffer_rows.run_stages(stages, x_GSd)
 
 
-def einsum_stages(shape_GSd, routing, experts, transport_dtype=None) -> "Stages":
+def einsum_stages(shape_GSd, routing, experts, transport_dtype=None) -> "buffer_rows.Stages":
     """The einsum dispatcher as stages: one-hot dispatch einsum -> experts -> one-hot combine einsum."""
     num_groups, _, d = shape_GSd
     E, C = routing.num_experts, routing.buffer_size
@@ -322,91 +308,7 @@ def einsum_stages(shape_GSd, routing, experts, transport_dtype=None) -> "Stages"
                                preferred_element_type=jnp.float32)
         return y_GSd.astype(dtype)
 
-    return Stages(send=send, compute=experts, combine=combine)
-
-
-# --------------------------------------------------------------------------------------------- stages
-
-
-@dataclasses.dataclass(frozen=True)
-class Stages:
-    """One dispatcher as its three steps, for a fixed Routing (benchmarks/layer_breakdown.py times each):
-
-      send(x_GSd) -> expert buffer        (the dispatch: one-hot einsum or gather)
-      compute(buffer) -> buffer           (the expert matmuls, with any all-to-all around them)
-      combine(buffer, dtype) -> y_GSd     (back to token order, weighted by the combine weights)
-    """
-
-    send: Callable
-    compute: Callable
-    combine: Callable
-
-
-def _run_stages(stages: Stages, x_GSd):
-    # Named scopes let program_costs (the dry run) split the step's FLOPs by stage, backward included.
-    with jax.named_scope("moe_dispatch"):
-        x_buffer = stages.send(x_GSd)
-    with jax.named_scope("moe_experts"):
-        y_buffer = stages.compute(x_buffer)
-    with jax.named_scope("moe_combine"):
-        return stages.combine(y_buffer, x_GSd.dtype)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class BufferRows:
-    """Where every (token, choice) assignment sits in a flat expert buffer of R rows, both ways round.
-
-    row_of_assignment [A] int32: its row, R where the assignment is not kept (A = G*S*K, flat (g, s, k)).
-    assignment_of_row [R] int32: the assignment in each row, A where the row is empty.
-    Each kept assignment has its own row, so the two maps are inverse permutations on the kept rows, and
-    moving rows either way is a gather whose transpose is the gather the other way (no scatter-add in the
-    backward pass, which XLA:CPU runs as a serial loop).
-    """
-
-    row_of_assignment: Array
-    assignment_of_row: Array
-    shape_GSK: tuple = dataclasses.field(metadata=dict(static=True))
-
-    @classmethod
-    def of(cls, row_GSK: Array, num_rows: int) -> "BufferRows":
-        """From each assignment's row ([G, S, K]; `num_rows` where not kept)."""
-        row_A = row_GSK.reshape(-1).astype(jnp.int32)
-        num_assignments = row_A.size
-        assignment_of_row = jnp.full((num_rows,), num_assignments, jnp.int32).at[row_A].set(
-            jnp.arange(num_assignments, dtype=jnp.int32), mode="drop", unique_indices=True)
-        return cls(row_A, assignment_of_row, tuple(row_GSK.shape))
-
-    def to_buffer(self, x_GSd: Array) -> Array:
-        """[G, S, d] -> [R, d]: each row gets its assignment's token (zeros in empty rows)."""
-        G, S, K = self.shape_GSK
-        x_Ad = jnp.broadcast_to(x_GSd[:, :, None, :], (G, S, K, x_GSd.shape[-1])).reshape(G * S * K, -1)
-        return _move_rows(x_Ad, self.assignment_of_row, self.row_of_assignment)
-
-    def to_tokens(self, y_Rd: Array, weight_GSK: Array, dtype) -> Array:
-        """[R, d] -> [G, S, d]: sum over k of weight[g, s, k] * the row of assignment (g, s, k) (0 if dropped)."""
-        y_GSKd = _move_rows(y_Rd, self.row_of_assignment, self.assignment_of_row).reshape(
-            *self.shape_GSK, y_Rd.shape[-1])
-        return jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), weight_GSK).astype(dtype)
-
-
-@jax.custom_vjp
-def _move_rows(src_Nd, source_of_M, target_of_N):
-    """out[m] = src[source_of_M[m]] (0 where out of range). `target_of_N` is the inverse map (N for none)
-    of an injective source_of_M, so the transpose is the gather d_src[n] = d_out[target_of_N[n]]."""
-    return src_Nd.at[source_of_M].get(mode="fill", fill_value=0)
-
-
-def _move_rows_fwd(src_Nd, source_of_M, target_of_N):
-    return _move_rows(src_Nd, source_of_M, target_of_N), (source_of_M, target_of_N)
-
-
-def _move_rows_bwd(residuals, d_out_Md):
-    source_of_M, target_of_N = residuals
-    return d_out_Md.at[target_of_N].get(mode="fill", fill_value=0), None, None
-
-
-_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+    return buffer_rows.Stages(send=send, compute=experts, combine=combine)
 
 
 # --------------------------------------------------------------------------------------------- index
@@ -415,10 +317,10 @@ _move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 def _index_dispatch(x_GSd, routing, experts):
     """The [E, G*C, d] buffer by gathers; under `_expert_parallel` (experts holds E / ep of them) the buffer
     is exchanged with the experts' devices."""
-    return _run_stages(index_stages(x_GSd.shape, routing, experts), x_GSd)
+    return buffer_rows.run_stages(index_stages(x_GSd.shape, routing, experts), x_GSd)
 
 
-def index_stages(shape_GSd, routing, experts) -> "Stages":
+def index_stages(shape_GSd, routing, experts) -> "buffer_rows.Stages":
     """The index dispatcher as stages: slot rows -> gather into [E, G*C, d] -> experts -> gather back."""
     num_groups, group_size, d = shape_GSd
     E, C = routing.num_experts, routing.buffer_size
@@ -426,9 +328,9 @@ def index_stages(shape_GSd, routing, experts) -> "Stages":
     # Row of every assignment in the flat buffer [E * N]; E * N (out of range) where dropped.
     g_GSK = jnp.arange(num_groups, dtype=jnp.int32)[:, None, None]
     row_GSK = routing.expert_index * num_rows + g_GSK * C + routing.slot
-    rows = BufferRows.of(jnp.where(routing.kept, row_GSK, E * num_rows), E * num_rows)
+    rows = buffer_rows.BufferRows.of(jnp.where(routing.kept, row_GSK, E * num_rows), E * num_rows)
     exchange = None if experts.num_experts == E else EXPERT_AXIS
-    return Stages(send=lambda x_GSd: rows.to_buffer(x_GSd).reshape(E, num_rows, d),
+    return buffer_rows.Stages(send=lambda x_GSd: rows.to_buffer(x_GSd).reshape(E, num_rows, d),
                   compute=lambda x_ENd: _through_experts(experts, x_ENd, exchange),
                   combine=lambda y_ENd, dtype: rows.to_tokens(y_ENd.reshape(E * num_rows, d), routing.weight, dtype))
 
@@ -476,16 +378,17 @@ def _dropless_dispatch(x_GSd, routing, experts, grouped_matmul, block_size, dens
     'ragged': one ragged_dot per kernel over the exactly-sized expert runs.
     'blocks' (CPU): the first A/E rows of every expert (A = G*S*K; all of them under perfect balance) as
     one batched [E, A/E, d] FFN; rows beyond that, of overloaded experts, in blocks of `block_size` rows
-    (`_dense_and_block_grouped`). Empty
+    (`grouped_ffn.dense_and_blocks`). Empty
     dense rows of underloaded experts cost as much as the overflow, so the waste is about twice the
     imbalance, plus at most E * (block_size - 1) padding rows. `dense_rows` overrides A/E (the expected
     rows per expert when most assignments are empty padding, as in `_dropless_expert_parallel`).
     """
-    return _run_stages(dropless_stages(x_GSd.shape, routing, experts, grouped_matmul, block_size, dense_rows),
-                       x_GSd)
+    stages = dropless_stages(x_GSd.shape, routing, experts, grouped_matmul, block_size, dense_rows)
+    return buffer_rows.run_stages(stages, x_GSd)
 
 
-def dropless_stages(shape_GSd, routing, experts, grouped_matmul, block_size, dense_rows=None) -> "Stages":
+def dropless_stages(shape_GSd, routing, experts, grouped_matmul, block_size,
+                    dense_rows=None) -> "buffer_rows.Stages":
     """The dropless dispatcher as stages: expert-major rows -> gather -> grouped matmul -> gather back."""
     if grouped_matmul not in ("ragged", "blocks"):
         raise ValueError(f"grouped_matmul must be 'ragged' or 'blocks', got {grouped_matmul!r}")
@@ -494,12 +397,12 @@ def dropless_stages(shape_GSd, routing, experts, grouped_matmul, block_size, den
     block_size = block_size or overflow_block_size(base)
     block = 1 if grouped_matmul == "ragged" else block_size
     row_GSK, over_E, padded_E, num_rows = _expert_major_rows(routing, block, base)
-    rows = BufferRows.of(row_GSK, num_rows)
+    rows = buffer_rows.BufferRows.of(row_GSK, num_rows)
     if grouped_matmul == "ragged":
-        compute = lambda x_Rd: _ragged_grouped(x_Rd, over_E, experts)
+        compute = lambda x_Rd: grouped_ffn.ragged(x_Rd, over_E, experts)
     else:
-        compute = lambda x_Rd: _dense_and_block_grouped(x_Rd, base, padded_E, experts, block_size)
-    return Stages(send=rows.to_buffer, compute=compute,
+        compute = lambda x_Rd: grouped_ffn.dense_and_blocks(x_Rd, base, padded_E, experts, block_size)
+    return buffer_rows.Stages(send=rows.to_buffer, compute=compute,
                   combine=lambda y_Rd, dtype: rows.to_tokens(y_Rd, routing.weight, dtype))
 
 
@@ -546,116 +449,3 @@ def _dropless_expert_parallel(x_GSd, routing, experts, grouped_matmul, block_siz
     y_GSKd = back_Rd.at[row_A].get(mode="fill", fill_value=0).reshape(*routing.expert_index.shape, d)
     y_GSd = jnp.einsum("GSKd,GSK->GSd", y_GSKd.astype(jnp.float32), routing.weight)
     return y_GSd.astype(x_GSd.dtype)
-
-
-def _ragged_grouped(x_Rd, rows_E, experts):
-    """Expert FFN on expert-major rows with jax.lax.ragged_dot (rows past sum(rows_E) give 0)."""
-    dt = experts.dtype
-    x_Rd = x_Rd.astype(dt)
-    h_Rf = jax.lax.ragged_dot(x_Rd, experts.wi.astype(dt), rows_E)
-    gate_Rf = None if experts.wi_gate is None else jax.lax.ragged_dot(x_Rd, experts.wi_gate.astype(dt), rows_E)
-    h_Rf = experts.hidden(h_Rf, gate_Rf, experts.dropout_rng)
-    return jax.lax.ragged_dot(h_Rf, experts.wo.astype(dt), rows_E)
-
-
-def _dense_and_block_grouped(x_Rd, base, padded_E, experts, block_size):
-    """Expert FFN on the rows of `_expert_major_rows`: [E, base] dense rows, then block-padded overflow.
-
-    The dense part is one batched [E, base, d] FFN. Overflow block i (< the number of used blocks, a
-    dynamic count) runs through expert expert_B[i]; the overflow row count is a static bound and blocks past
-    the last used one are never touched, so FLOPs are those of the used blocks only (against E times the
-    rows for the dense masked matmul ragged_dot is on CPU).
-    """
-    num_rows, d = x_Rd.shape
-    E = experts.num_experts
-    num_blocks = (num_rows - E * base) // block_size
-    block_end_E = jnp.cumsum(padded_E) // block_size
-    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
-    expert_B = jnp.minimum(jnp.searchsorted(block_end_E, blocks, side="right"), E - 1).astype(jnp.int32)
-    dt = experts.dtype
-    weights = tuple(None if w is None else w.astype(dt) for w in (experts.wi, experts.wo, experts.wi_gate))
-    spec = (block_size, experts.activation, experts.dropout_rate)
-    x_Rd = x_Rd.astype(dt)
-    y_ENd, y_Od = _grouped_ffn(spec, x_Rd[:E * base].reshape(E, base, d), x_Rd[E * base:], weights, expert_B,
-                               block_end_E[-1], experts.dropout_rng)
-    return jnp.concatenate([y_ENd.reshape(E * base, d), y_Od])
-
-
-def _dense_ffn(spec, x_ENd, wi, wo, wg, rng):
-    _, activation, rate = spec
-    gate_ENf = None if wg is None else jnp.einsum("ENd,Edf->ENf", x_ENd, wg)
-    h_ENf = _hidden(jnp.einsum("ENd,Edf->ENf", x_ENd, wi), gate_ENf, rng, activation, rate)
-    return jnp.einsum("ENf,Efd->ENd", h_ENf, wo)
-
-
-def _block_ffn(spec, x_bd, wi_df, wo_fd, wg_df, rng):
-    _, activation, rate = spec
-    gate = None if wg_df is None else x_bd @ wg_df
-    return _hidden(x_bd @ wi_df, gate, rng, activation, rate) @ wo_fd
-
-
-def _block_rng(rng, i):
-    return None if rng is None else jax.random.fold_in(rng, i + 1)
-
-
-def _overflow_forward(spec, x_Od, weights, expert_B, num_used, rng):
-    block_size = spec[0]
-    wi, wo, wg = weights
-    if x_Od.shape[0] == 0:  # no overflow possible (E = 1)
-        return x_Od
-
-    def body(i, y_Od):
-        x_bd = jax.lax.dynamic_slice_in_dim(x_Od, i * block_size, block_size)
-        e = expert_B[i]
-        y_bd = _block_ffn(spec, x_bd, wi[e], wo[e], None if wg is None else wg[e], _block_rng(rng, i))
-        return jax.lax.dynamic_update_slice_in_dim(y_Od, y_bd, i * block_size, axis=0)
-
-    return jax.lax.fori_loop(0, num_used, body, jnp.zeros_like(x_Od))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _grouped_ffn(spec, x_ENd, x_Od, weights, expert_B, num_used, rng):
-    """(dense FFN of x_ENd [E, base, d], overflow FFN of x_Od [blocks * block_size, d]).
-
-    The overflow is a loop over the used blocks only (a dynamic trip count): each block slices its
-    expert's weights, keeps its [block, f] hidden in cache and writes its rows in place. Such a loop has
-    no automatic reverse mode, so the VJP is written out: it takes the dense part's weight gradients and
-    adds each overflow block's into them in place (recomputing the block's hidden), so no second
-    full-size [E, d, f] gradient is zeroed, carried or summed.
-    """
-    y_ENd = _dense_ffn(spec, x_ENd, *weights, rng)
-    return y_ENd, _overflow_forward(spec, x_Od, weights, expert_B, num_used, rng)
-
-
-def _grouped_ffn_fwd(spec, x_ENd, x_Od, weights, expert_B, num_used, rng):
-    y_ENd, dense_vjp = jax.vjp(lambda x, wi, wo, wg: _dense_ffn(spec, x, wi, wo, wg, rng), x_ENd, *weights)
-    y_Od = _overflow_forward(spec, x_Od, weights, expert_B, num_used, rng)
-    return (y_ENd, y_Od), (dense_vjp, x_Od, weights, expert_B, num_used, rng)
-
-
-def _grouped_ffn_bwd(spec, residuals, cotangents):
-    dense_vjp, x_Od, weights, expert_B, num_used, rng = residuals
-    dy_ENd, dy_Od = cotangents
-    block_size = spec[0]
-    wi, wo, wg = weights
-    dx_ENd, dwi, dwo, dwg = dense_vjp(dy_ENd)
-    if x_Od.shape[0] == 0:
-        return dx_ENd, x_Od, (dwi, dwo, dwg), None, None, None
-
-    def body(i, grads):
-        dx_Od, dwi, dwo, dwg = grads
-        x_bd = jax.lax.dynamic_slice_in_dim(x_Od, i * block_size, block_size)
-        dy_bd = jax.lax.dynamic_slice_in_dim(dy_Od, i * block_size, block_size)
-        e = expert_B[i]
-        block_fn = lambda x, a, b, c: _block_ffn(spec, x, a, b, c, _block_rng(rng, i))
-        _, vjp = jax.vjp(block_fn, x_bd, wi[e], wo[e], None if wg is None else wg[e])
-        dx_bd, dwi_e, dwo_e, dwg_e = vjp(dy_bd)
-        dx_Od = jax.lax.dynamic_update_slice_in_dim(dx_Od, dx_bd, i * block_size, axis=0)
-        return (dx_Od, dwi.at[e].add(dwi_e), dwo.at[e].add(dwo_e),
-                None if wg is None else dwg.at[e].add(dwg_e))
-
-    dx_Od, dwi, dwo, dwg = jax.lax.fori_loop(0, num_used, body, (jnp.zeros_like(x_Od), dwi, dwo, dwg))
-    return dx_ENd, dx_Od, (dwi, dwo, dwg), None, None, None
-
-
-_grouped_ffn.defvjp(_grouped_ffn_fwd, _grouped_ffn_bwd)
