@@ -141,6 +141,15 @@ def summarize(name: str, run_dir: pathlib.Path, variant, cfg) -> Summary:
         paper=variant.paper, note=variant.note)
 
 
+def seed_stats(values) -> tuple[float, float, int]:
+    """(mean, sample standard deviation, count) of the finite values (a point's seeds); nan where undefined."""
+    import statistics
+
+    values = [v for v in values if math.isfinite(v)]
+    mean = statistics.fmean(values) if values else float("nan")
+    return mean, statistics.stdev(values) if len(values) > 1 else float("nan"), len(values)
+
+
 def num(value, spec: str = ".4f") -> str:
     """A number for a table or a sentence; '–' for None / nan / inf."""
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)

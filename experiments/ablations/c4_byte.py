@@ -16,6 +16,7 @@ import math
 import statistics
 
 from moe_jax import sweep
+from moe_jax.sweep_results import seed_stats
 
 C4_SAMPLE = sweep.REPO.parent / "shared" / "data" / "c4_sample.jsonl.gz"
 SEEDS = (0, 1, 2)
@@ -44,18 +45,11 @@ def variants(scale):
     return out
 
 
-def _stats(values):
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
-        return float("nan"), float("nan"), 0
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan"), len(values)
-
-
 def _compare(results, steps) -> tuple[list[str], str]:
     """Table rows and one sentence for the runs of `steps` steps."""
     mine = {n: s for n, s in results.items() if s.steps == steps}
     groups = {kind: [s.final_ce for n, s in mine.items() if n.startswith(kind)] for kind in ("dense", "switch")}
-    (dense_mean, dense_std, nd), (moe_mean, moe_std, nm) = _stats(groups["dense"]), _stats(groups["switch"])
+    (dense_mean, dense_std, nd), (moe_mean, moe_std, nm) = seed_stats(groups["dense"]), seed_stats(groups["switch"])
     rows = [f"| {steps} ({steps * 4096 / 1e6:.2f}M bytes) | {sweep.num(dense_mean)} ± {sweep.num(dense_std)} ({nd}) | "
             f"{sweep.num(moe_mean)} ± {sweep.num(moe_std)} ({nm}) | {sweep.num(moe_mean - dense_mean, '+.4f')} |"]
     if nd < 2 or nm < 2:

@@ -24,8 +24,9 @@ Expected: see experiments/results/c4_study.md (2-core CPU, 3-8 minutes per 300-s
 import functools
 import math
 
-from experiments.ablations.c4_byte import REAL_TEXT, _stats
+from experiments.ablations.c4_byte import REAL_TEXT
 from moe_jax import sweep
+from moe_jax.sweep_results import seed_stats
 
 TOKENIZER_DIR = sweep.REPO / "runs" / "tokenizers"
 SEEDS = (0, 1, 2)
@@ -128,7 +129,7 @@ def analysis(results, scale):
             continue
         baseline = label if ("dense", label) in by_point else ""
         dense = by_point.get(("dense", baseline), [])
-        (dm, ds, dn), (mm, ms, mn) = _stats([s.final_ce for s in dense]), _stats([s.final_ce for s in moe])
+        (dm, ds, dn), (mm, ms, mn) = seed_stats([s.final_ce for s in dense]), seed_stats([s.final_ce for s in moe])
         seed_std = max(ds, ms) if dn > 1 and mn > 1 else float("nan")
         in_stds = (mm - dm) / seed_std if math.isfinite(seed_std) and seed_std > 0 else float("nan")
         tokenizer = configs[moe[0].name].overrides.get("data.tokenizer", "byte")

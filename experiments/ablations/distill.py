@@ -11,9 +11,9 @@ experiments/results/distill.{md,csv,png}.
 """
 
 import math
-import statistics
 
 from moe_jax import sweep
+from moe_jax.sweep_results import seed_stats
 
 SEEDS = (0, 1, 2)
 STEPS = 100
@@ -47,14 +47,8 @@ def variants(scale):
     return out
 
 
-def _mean_std(values):
-    values = [v for v in values if math.isfinite(v)]
-    return (statistics.fmean(values) if values else float("nan"),
-            statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
-
-
 def analysis(results, scale):
-    groups = {prefix: _mean_std([s.final_ce for n, s in results.items() if n.rsplit(" ", 2)[0] == prefix])
+    groups = {prefix: seed_stats([s.final_ce for n, s in results.items() if n.rsplit(" ", 2)[0] == prefix])
               for prefix in ("dense", "switch", "distilled", "distilled+init")}
     dense, switch = groups["dense"][0], groups["switch"][0]
     if not (math.isfinite(dense) and math.isfinite(switch)):

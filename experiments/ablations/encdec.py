@@ -14,10 +14,10 @@ Expected: see experiments/results/encdec.md (2-core CPU, 1-3 minutes per run).
 """
 
 import dataclasses
-import math
 import statistics
 
 from moe_jax import sweep
+from moe_jax.sweep_results import seed_stats
 
 SEEDS = (0, 1, 2)
 STEPS = 150
@@ -58,23 +58,17 @@ def _point(name):
     return name.rsplit(" seed ", 1)[0]
 
 
-def _stats(values):
-    values = [v for v in values if math.isfinite(v)]
-    mean = statistics.fmean(values) if values else float("nan")
-    return mean, statistics.stdev(values) if len(values) > 1 else float("nan"), len(values)
-
-
 def analysis(results, scale):
     groups = {}
     for name, summary in results.items():
         groups.setdefault(_point(name), []).append(summary)
-    dense_mean, dense_std, _ = _stats([s.final_ce for s in groups.get("dense", [])])
+    dense_mean, dense_std, _ = seed_stats([s.final_ce for s in groups.get("dense", [])])
     rows = ["| point | neg. log perplexity, mean ± std (seeds) | Δ vs dense | in seed stds | dropped (train) | "
             "paper |", "|---|---|---|---|---|---|"]
     means = {}
     for point in POINTS:
         ces = [s.final_ce for s in groups.get(point, [])]
-        mean, std, n = _stats(ces)
+        mean, std, n = seed_stats(ces)
         means[point] = (mean, std, n)
         delta = mean - dense_mean
         noise = max(std, dense_std) if n > 1 else float("nan")

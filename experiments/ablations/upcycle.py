@@ -14,7 +14,6 @@ alone would train the upcycled variants from scratch: run this file. Writes expe
 """
 
 import math
-import statistics
 import pathlib
 import shutil
 import sys
@@ -23,6 +22,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from moe_jax import sweep
+from moe_jax.sweep_results import seed_stats
 
 SEEDS = (0, 1, 2)
 BASE_STEPS, EXTRA_STEPS = 100, 50
@@ -53,15 +53,9 @@ def variants(scale):
     return out
 
 
-def _mean_std(values):
-    values = [v for v in values if math.isfinite(v)]
-    return (statistics.fmean(values) if values else float("nan"),
-            statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
-
-
 def analysis(results, scale):
     def group(prefix, step=None):
-        return _mean_std([(s.ce_at(step) if step else s.final_ce) for n, s in results.items() if n.startswith(prefix)])
+        return seed_stats([(s.ce_at(step) if step else s.final_ce) for n, s in results.items() if n.startswith(prefix)])
 
     base = group(f"dense {BASE_STEPS}")
     rows = {"dense continued": group(f"dense +{EXTRA_STEPS}"), "upcycled": group(f"upcycled +{EXTRA_STEPS}"),

@@ -26,6 +26,12 @@ import ml_collections
 import numpy as np
 
 
+def noise_and_span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of `random_spans_noise_mask` for `length` (>= 2) tokens."""
+    num_noise = min(max(int(np.round(length * noise_density)), 1), length - 1)
+    return num_noise, max(int(np.round(num_noise / mean_noise_span_length)), 1)
+
+
 def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_length: float,
                             rng: np.random.Generator) -> np.ndarray:
     """[length] bool, True on noise tokens; see the module docstring for the exact semantics."""
@@ -36,8 +42,7 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_l
     if not mean_noise_span_length >= 1:
         raise ValueError(f"mean_noise_span_length={mean_noise_span_length} must be >= 1")
     original_length, length = length, max(length, 2)  # room for one noise and one non-noise token
-    num_noise = min(max(int(np.round(length * noise_density)), 1), length - 1)
-    num_spans = max(int(np.round(num_noise / mean_noise_span_length)), 1)
+    num_noise, num_spans = noise_and_span_counts(length, noise_density, mean_noise_span_length)
     noise_lengths = _random_segmentation(num_noise, num_spans, rng)
     nonnoise_lengths = _random_segmentation(length - num_noise, num_spans, rng)
     interleaved = np.stack([nonnoise_lengths, noise_lengths], axis=1).reshape(-1)
@@ -135,7 +140,7 @@ def validate(data_config, tokenizer_vocab_size: Optional[int], model_vocab_size:
     if data_config.seq_len < 4:
         raise ValueError(f"data.seq_len={data_config.seq_len} (the encoder length) must be >= 4 for span corruption")
     raw, _, _ = lengths(data_config)
-    spans = max(int(round(int(round(raw * sc.noise_density)) / sc.mean_noise_span_length)), 1)
+    _, spans = noise_and_span_counts(max(raw, 2), sc.noise_density, sc.mean_noise_span_length)
     if not (isinstance(sc.num_sentinels, int) and sc.num_sentinels >= spans):
         raise ValueError(f"data.span_corruption.num_sentinels={sc.num_sentinels!r}: a piece of {raw} tokens has up "
                          f"to {spans} noise spans, each needing its own sentinel id; set it >= {spans}")
