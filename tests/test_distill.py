@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from cli_checks import assert_user_error, run_cli
+from tiny_runs import tiny
 from moe_jax import checkpoint, distill, models, train, upcycle
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,22 +22,10 @@ SMALL = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.
          "--config.train.peak_flops_per_device=1e9"]
 
 
-def tiny(num_experts, steps=2):
-    from experiments import tiny_dense
-
-    cfg = tiny_dense.get_config()
-    cfg.model.update(d_model=32, d_ff=64, num_layers=2, num_heads=2)
-    cfg.model.moe.update(num_experts=num_experts, group_size=128, dispatcher="index")
-    cfg.data.update(seq_len=32, batch_size=4)
-    cfg.train.update(steps=steps, eval_steps=1, log_every=1, warmup_steps=1, eval_every=steps,
-                     checkpoint_every=steps, peak_flops_per_device=1e9)
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("teacher")
-    train.train(tiny(4), str(workdir), devices=jax.devices()[:1])
+    train.train(tiny(4, steps=2), str(workdir), devices=jax.devices()[:1])
     return workdir
 
 
@@ -58,7 +47,7 @@ def test_soft_cross_entropy_against_numpy():
 
 
 def test_distillation_loss_is_the_mixture_of_teacher_and_ground_truth():
-    student_cfg, teacher_cfg = tiny(0).model, tiny(4).model
+    student_cfg, teacher_cfg = tiny(0, steps=2).model, tiny(4, steps=2).model
     family = models.get(student_cfg)
     student = family.create(student_cfg, nnx.Rngs(params=0, dropout=1))
     teacher = family.create(teacher_cfg, nnx.Rngs(params=1, dropout=2))
@@ -110,7 +99,7 @@ def test_cli_dense_student_of_a_switch_teacher_on_two_devices(teacher_run, tmp_p
 
 
 def test_init_from_teacher_copies_the_non_expert_weights(teacher_run):
-    cfg = tiny(0)
+    cfg = tiny(0, steps=2)
     cfg.distill.update(teacher_workdir=str(teacher_run), init_from_teacher=True)
     run = train.setup(cfg, jax.devices()[:1])
     teacher = distill.load_teacher(run)
@@ -126,12 +115,12 @@ def test_init_from_teacher_copies_the_non_expert_weights(teacher_run):
 
 
 def test_bad_distill_settings_are_named(teacher_run, tmp_path):
-    cfg = tiny(0)
+    cfg = tiny(0, steps=2)
     cfg.distill.teacher_workdir = str(tmp_path / "no_such_run")
     with pytest.raises(FileNotFoundError, match="distill.teacher_workdir"):
         train.train(cfg, str(tmp_path / "student"), devices=jax.devices()[:1])
     assert not (tmp_path / "student").exists()
-    wide = tiny(0)
+    wide = tiny(0, steps=2)
     wide.model.vocab_size = 2048
     wide.distill.teacher_workdir = str(teacher_run)
     with pytest.raises(ValueError, match="vocab_size"):

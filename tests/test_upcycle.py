@@ -11,28 +11,16 @@ import pytest
 from flax import nnx
 
 from cli_checks import run_cli
+from tiny_runs import TINY, tiny
 from moe_jax import checkpoint, data, models, train, upcycle
 from moe_jax.models import encdec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = dict(d_model=32, d_ff=64, num_layers=2, num_heads=2)
 # The command-line twin of `tiny`: experiments/tiny_switch.py made small.
 TINY_FLAGS = [f"--config.model.{k}={v}" for k, v in TINY.items()] + [
     "--config.data.seq_len=32", "--config.data.batch_size=4", "--config.model.moe.group_size=128",
     "--config.train.eval_steps=1", "--config.train.log_every=1", "--config.train.warmup_steps=1",
     "--config.train.peak_flops_per_device=1e9"]
-
-
-def tiny(num_experts=0, steps=3, **moe):
-    from experiments import tiny_dense
-
-    cfg = tiny_dense.get_config()
-    cfg.model.update(**TINY)
-    cfg.model.moe.update(**{"num_experts": num_experts, "group_size": 128, "dispatcher": "index", **moe})
-    cfg.data.update(seq_len=32, batch_size=4)
-    cfg.train.update(steps=steps, eval_steps=1, log_every=1, warmup_steps=1, eval_every=steps,
-                     checkpoint_every=steps, peak_flops_per_device=1e9)
-    return cfg
 
 
 @pytest.fixture(scope="module")
