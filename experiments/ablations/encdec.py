@@ -10,7 +10,7 @@ paper's: negative log perplexity per target token (−eval CE, nats; higher is b
     python -m moe_jax.sweep --sweep=experiments/ablations/encdec.py --workdir=runs/ablations
 
 `--scale=paper` runs t5_base_encdec against switch_base_encdec with the same points (100k steps each).
-Expected: see experiments/results/encdec.md (2-core CPU, 1-3 minutes per run).
+Expected: see experiments/results/encdec.md (2-core CPU: 4-8 minutes per run, about 2 hours in all).
 """
 
 import dataclasses
