@@ -252,6 +252,44 @@ def _shown_path(path: pathlib.Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+SEED_SUFFIX = " seed "  # variants named "<point> seed <n>" are seeds of one point
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """One line of the plot: a run, or the mean of a point's seeds with their standard deviation (`spread`)."""
+
+    label: str
+    steps: list
+    ce: list
+    seconds: list
+    spread: Optional[list] = None
+
+
+def curves(runs: list) -> list[Curve]:
+    """A curve per run, except that the seeds of one point ("<point> seed <n>") become their mean and standard
+    deviation over the eval steps they all reached."""
+    groups: dict[str, list] = {}
+    for s in runs:
+        point, _, seed = s.name.rpartition(SEED_SUFFIX)
+        groups.setdefault(point if point and seed.isdigit() else s.name, []).append(s)
+    out = []
+    for point, group in groups.items():
+        if len(group) == 1:
+            s = group[0]
+            out.append(Curve(s.name + ("" if s.status == "finished" else f" ({s.status})"), list(s.eval_steps),
+                             list(s.eval_ce), list(s.eval_seconds)))
+            continue
+        n = min(len(s.eval_steps) for s in group)
+        steps = list(group[0].eval_steps[:n])
+        ce = np.array([s.eval_ce[:n] for s in group], dtype=float)
+        seconds = np.array([s.eval_seconds[:n] for s in group], dtype=float)
+        unfinished = sum(s.status != "finished" for s in group)
+        label = f"{point} (mean ± std, {len(group)} seeds" + (f", {unfinished} unfinished)" if unfinished else ")")
+        out.append(Curve(label, steps, list(ce.mean(0)), list(seconds.mean(0)), list(ce.std(0, ddof=1))))
+    return out
+
+
 def plot(summaries: dict, path: pathlib.Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -261,11 +299,14 @@ def plot(summaries: dict, path: pathlib.Path, title: str) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     floor = next((s.entropy_floor for s in summaries.values() if s.entropy_floor), None)
     runs = [s for s in summaries.values() if s.eval_steps]
-    for s in runs:
-        label = s.name + ("" if s.status == "finished" else f" ({s.status})")
+    for curve in curves(runs):
         for row in (0, 1):
-            axes[row, 0].plot(s.eval_steps, s.eval_ce, marker=".", label=label)
-            axes[row, 1].plot(s.eval_seconds, s.eval_ce, marker=".", label=label)
+            for col, x in enumerate((curve.steps, curve.seconds)):
+                line, = axes[row, col].plot(x, curve.ce, marker=".", label=curve.label)
+                if curve.spread is not None:
+                    low = [m - d for m, d in zip(curve.ce, curve.spread)]
+                    high = [m + d for m, d in zip(curve.ce, curve.spread)]
+                    axes[row, col].fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     for row in (0, 1):
         for col, xlabel in enumerate(("training step", "training time (s, excl. eval + compile)")):
             ax = axes[row, col]

@@ -168,3 +168,20 @@ def test_command_mistakes_are_one_error_line(tmp_path, args, needles):
     result = run_cli("moe_jax.sweep", args, cwd=REPO)
     assert result.returncode == 2
     assert_user_error(result, *needles, not_created=[workdir, results])
+
+
+def test_seeds_of_one_point_are_plotted_as_mean_and_spread():
+    from types import SimpleNamespace
+
+    from moe_jax import sweep_results
+
+    def run(name, ce, status="finished"):
+        return SimpleNamespace(name=name, status=status, eval_steps=[10, 20, 30][:len(ce)], eval_ce=ce,
+                               eval_seconds=[1.0, 2.0, 3.0][:len(ce)])
+
+    curves = sweep_results.curves([run("dense seed 0", [3.0, 2.0, 1.0]), run("dense seed 1", [3.2, 2.4]),
+                                   run("switch-8 CF 1.0", [2.9, 1.9, 0.9], status="diverged")])
+    dense, switch = curves
+    assert dense.label == "dense (mean ± std, 2 seeds)" and dense.steps == [10, 20]  # the steps both reached
+    assert dense.ce == pytest.approx([3.1, 2.2]) and dense.spread == pytest.approx([0.1414214, 0.2828427])
+    assert switch.label == "switch-8 CF 1.0 (diverged)" and switch.spread is None and switch.ce == [2.9, 1.9, 0.9]
