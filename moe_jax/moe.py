@@ -170,10 +170,7 @@ class MoeLayer(nnx.Module):
         G = B * L // S
         x_GSd = x_BLd.reshape(G, S, d).astype(self.dtype)
         mask_GS = None if padding_mask is None else padding_mask.reshape(G, S).astype(bool)
-        cf = self.eval_capacity_factor if deterministic else self.capacity_factor
-        capacity = routing.expert_capacity(S, self.num_experts, cf, k=self.k, min_capacity=self.min_capacity)
-        if self.expert_capacity is not None:
-            capacity = self.expert_capacity
+        capacity = self.slots_per_expert(S, deterministic)
         if decode:
             capacity = S if decode_capacity_factor is None else routing.expert_capacity(
                 S, self.num_experts, decode_capacity_factor, k=self.k, min_capacity=self.min_capacity)
@@ -233,6 +230,14 @@ class MoeLayer(nnx.Module):
         return y_GSd
 
     # ----------------------------------------------------------------------------------------- balancing
+
+    def slots_per_expert(self, group_size: int, deterministic: bool) -> int:
+        """Capacity per expert per group of `group_size` tokens: `expert_capacity` when set, else from the
+        training or evaluation capacity factor."""
+        if self.expert_capacity is not None:
+            return self.expert_capacity
+        factor = self.eval_capacity_factor if deterministic else self.capacity_factor
+        return routing.expert_capacity(group_size, self.num_experts, factor, k=self.k, min_capacity=self.min_capacity)
 
     def update_bias(self, expert_load: Array) -> None:
         """bias_balanced: `bias -= bias_update_rate * sign(load - mean load)` from the aux `expert_load`.

@@ -158,9 +158,7 @@ def _route_expert_choice(layer, x_GSd, *, mask_GS, token_ids_GS, capacity, deter
     del token_ids_GS, capacity
     _, logits_GSE, probs_GSE, losses = _learned_logits(layer, x_GSd, mask_GS, deterministic)
     S = x_GSd.shape[1]
-    factor = layer.eval_capacity_factor if deterministic else layer.capacity_factor
-    capacity = min(S, layer.expert_capacity or routing.expert_capacity(S, layer.num_experts, factor, k=layer.k,
-                                                                       min_capacity=layer.min_capacity))
+    capacity = min(S, layer.slots_per_expert(S, deterministic))
     return routing.route_expert_choice(logits_GSE, capacity=capacity, padding_mask=mask_GS), probs_GSE, losses
 
 

@@ -7,9 +7,9 @@
 
 Architectures (`ARCHITECTURES`): MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM,
 Qwen3MoeForCausalLM onto our decoder; SwitchTransformersForConditionalGeneration onto our encoder-decoder
-(`model(encoder_tokens_BL, decoder_tokens_BL, deterministic=True)`). A directory holds config.json and model.safetensors or a sharded
-model.safetensors.index.json; tensors are read and written one at a time (safetensors_io.py), so a large
-checkpoint is never held twice. Only numpy and safetensors are needed: no torch, no transformers.
+(`model(encoder_tokens_BL, decoder_tokens_BL, deterministic=True)`). A directory holds config.json and
+model.safetensors or a sharded model.safetensors.index.json; tensors are read and written one at a time
+(safetensors_io.py), so a large checkpoint is never held twice. Only numpy and safetensors are needed: no torch, no transformers.
 The run-directory side (write a run that `moe_jax.main` fine-tunes, export a run's step) is runs.py, the CLI
 `python -m moe_jax.convert`.
 """

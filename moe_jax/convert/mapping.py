@@ -152,9 +152,10 @@ def import_parameter(where: Placement, path: Path, shape: tuple, get_hf: Callabl
     `get_hf(name)`. Copies of a tensor that the checkpoint holds (`has_hf`) must hold the same values."""
     rule = where.tensor
     if where.layer_of_block is None:
-        value = _checked(rule, rule.hf, get_hf(rule.hf), shape)
+        hf_array = get_hf(rule.hf)
+        value = _checked(rule, rule.hf, hf_array, shape)
         for copy in (c for c in rule.copies if has_hf(c)):
-            if not np.array_equal(get_hf(copy), get_hf(rule.hf)):
+            if not np.array_equal(get_hf(copy), hf_array):
                 raise ValueError(f"tensor {copy} differs from {rule.hf}; moe_jax has one tensor for both "
                                  f"({'/'.join(map(str, path))})")
         return value
@@ -167,8 +168,9 @@ def export_parameter(where: Placement, array: np.ndarray) -> Iterator[tuple[str,
     """(HF name, HF tensor) pairs of our parameter placed at `where`."""
     rule = where.tensor
     if where.layer_of_block is None:
+        tensor = rule.to_hf(array)
         for name in (rule.hf, *rule.copies):
-            yield name, rule.to_hf(array)
+            yield name, tensor
         return
     per_tensor = array.reshape((-1,) + array.shape[2 if where.num_experts else 1:])
     for name, part in zip(hf_names(where, array.shape[0]), per_tensor):

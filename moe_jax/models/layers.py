@@ -194,8 +194,9 @@ def attention_mask(segment_ids_BL: Array, kv_segment_ids_BT: Optional[Array] = N
 # --------------------------------------------------------------------------------------------- modules
 
 # How `linear` contracts: "2d" reshapes to one [tokens, in] x [in, out] matmul, "einsum" contracts the named
-# axes in place. The same dot on TPU and GPU; XLA:CPU runs the 2D form 1.4-1.5x faster (benchmarks/RESULTS.md),
-# so it is the default. benchmarks/train_step.py sets "einsum" to time the other form in the same process.
+# axes in place. The same dot on TPU and GPU; on XLA:CPU the 2D form makes whole train steps 1.13-1.26x faster
+# (benchmarks/RESULTS.md, "Train step"), so it is the default. benchmarks/train_step.py sets "einsum" to time
+# the other form in the same process.
 MATMUL_FORM = "2d"
 
 
@@ -215,7 +216,6 @@ def linear(x: Array, w: Array, *, contract: int = 1, w_transposed: bool = False,
     w_2d = w.reshape(-1, size).T if w_transposed else w.reshape(size, -1)
     y = jnp.dot(x.reshape(-1, size), w_2d, preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *out_shape)
-
 
 
 class Attention(nnx.Module):
@@ -335,7 +335,8 @@ def make_moe_layer(cfg, *, rngs: nnx.Rngs):
         d_model=cfg.d_model, d_ff=expert_d_ff(cfg), num_experts=m.num_experts, k=m.k, router=m.router,
         dispatcher=m.dispatcher, capacity_factor=m.capacity_factor,
         eval_capacity_factor=m.eval_capacity_factor, group_size=m.group_size, min_capacity=m.min_capacity,
-        expert_capacity=m.get("expert_capacity"), activation=cfg.activation, num_shared_experts=m.num_shared_experts, init_scale=cfg.init_scale,
+        expert_capacity=m.get("expert_capacity"), activation=cfg.activation,
+        num_shared_experts=m.num_shared_experts, init_scale=cfg.init_scale,
         jitter=m.jitter, expert_dropout=m.expert_dropout, dropout=cfg.dropout, normalize=m.normalize,
         batch_prioritized=m.batch_prioritized, vocab_size=cfg.vocab_size, bias_update_rate=m.bias_update_rate,
         router_dtype=dtype("model.moe.router_dtype", m.router_dtype), dtype=dtype("model.dtype", cfg.dtype),
