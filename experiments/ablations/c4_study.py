@@ -8,7 +8,9 @@ configs are not retrained). Seeds are `train.seed` (initialisation); the data or
 Dimensions, in the order they run:
   tokenizer   SentencePiece unigram vocabularies of 8k / 4k / 16k pieces trained on the training split only
               (written to runs/tokenizers/ the first time the sweep is loaded; about 20 s each)
-  capacity    dropless (every token reaches its expert) and capacity factor 2.0
+  placement   MoE in every layer instead of every other one
+  fine-grain  16 experts of half the width with top-2 routing (the same active FLOPs)
+  capacity    dropless (every token reaches its expert), capacity factor 2.0, routing groups of 512 tokens
   experts     16 and 32 experts (more parameters at the same active FLOPs)
   lr          3x and 1/3 of the tiny configs' 3e-3, for both models
   losses      load-balancing weight 1e-3 and 1e-1, router z-loss 1e-3, jitter 0.01
@@ -78,6 +80,9 @@ def variants(scale):
     out = {}
     _pair(scale, out, "")  # the byte-level baseline pair (c4_byte.py's 300-step runs)
     _pair(scale, out, "sp8k", **_tokenizer(8000))
+    _pair(scale, out, "every layer", dense=False, **{"model.moe.every": 1})
+    _pair(scale, out, "top-2 d_ff 256", experts=16, dense=False,
+          **{"model.moe.k": 2, "model.moe.d_ff": 256})  # fine-grained experts, the same active FLOPs
     _pair(scale, out, "dropless", dense=False, **{"model.moe.dispatcher": "dropless"})
     _pair(scale, out, "", experts=16, dense=False)
     _pair(scale, out, "lr 9e-3", **{"train.learning_rate": 9e-3})
@@ -86,6 +91,7 @@ def variants(scale):
     _pair(scale, out, "sp16k", **_tokenizer(16000))
     _pair(scale, out, "cf 2.0", dense=False, **{"model.moe.capacity_factor": 2.0})
     _pair(scale, out, "", experts=32, dense=False)
+    _pair(scale, out, "group 512", dense=False, **{"model.moe.group_size": 512})
     _pair(scale, out, "lb 1e-3", dense=False, **{"model.moe.aux_loss_weight": 1e-3})
     _pair(scale, out, "lb 1e-1", dense=False, **{"model.moe.aux_loss_weight": 1e-1})
     _pair(scale, out, "z-loss 1e-3", dense=False, **{"model.moe.z_loss_weight": 1e-3})
