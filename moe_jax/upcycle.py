@@ -49,18 +49,21 @@ class LayerParam:
 # --------------------------------------------------------------------------------------------- layer view
 
 
-def _scanned_stacks(model) -> dict[tuple, tuple[str, int]]:
-    """Storage path of each scanned stack's layers -> (the layer key's name, layers per block): the decoder's
-    `blocks.layers`, the encoder-decoder's `encoder_blocks.layers` and `decoder_blocks.layers`."""
+def _scanned_stacks(model) -> dict[tuple, tuple[str, int, int]]:
+    """Storage path of each scanned stack's layers -> (the layer key's name, layers per block, index of the
+    stack's first layer): the decoder's `blocks.layers` (after its `dense_blocks.layers` prefix, if any), the
+    encoder-decoder's `encoder_blocks.layers` and `decoder_blocks.layers`."""
     name = models.name_of(model.config)
     if name == "decoder":
         from moe_jax.models import decoder
 
-        return {("blocks", "layers"): ("layer", decoder.layers_per_block(model.config))}
+        prefix = decoder.num_dense_prefix(model.config)
+        return {("dense_blocks", "layers"): ("layer", 1, 0),
+                ("blocks", "layers"): ("layer", decoder.layers_per_block(model.config), prefix)}
     if name == "encdec":
         from moe_jax.models import encdec
 
-        return {(f"{stack}_blocks", "layers"): (f"{stack}_layer", encdec.layers_per_block(model.config, stack))
+        return {(f"{stack}_blocks", "layers"): (f"{stack}_layer", encdec.layers_per_block(model.config, stack), 0)
                 for stack in ("encoder", "decoder")}
     return {}
 
@@ -73,8 +76,8 @@ def _layer_keys(stacks, path, num_blocks: int) -> Optional[list[Key]]:
     """The per-layer keys of the rows of a scanned parameter at `path` (None: not in a scanned stack)."""
     if path[:2] not in stacks:
         return None
-    name, per_block = stacks[path[:2]]
-    return [(name, block * per_block + path[2], *path[3:]) for block in range(num_blocks)]
+    name, per_block, first_layer = stacks[path[:2]]
+    return [(name, first_layer + block * per_block + path[2], *path[3:]) for block in range(num_blocks)]
 
 
 def layer_params(model) -> dict[Key, LayerParam]:

@@ -32,11 +32,12 @@ def hf_configs():
         "MixtralForCausalLM": transformers.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=5,
                                                          rope_theta=5000.0),
         "OlmoeForCausalLM": transformers.OlmoeConfig(**COMMON, intermediate_size=48, num_experts=7),
-        # MoE in every other layer (dense MLPs of another width between), a shared expert wider than the
-        # routed ones, top-k weights renormalised
+        # MoE in every other layer (dense MLPs of another width between) but not in layer 1 (our
+        # first_dense_layers=2), a shared expert wider than the routed ones, top-k weights renormalised
         "Qwen2MoeForCausalLM": transformers.Qwen2MoeConfig(
-            **{**COMMON, "num_hidden_layers": 4}, intermediate_size=56, moe_intermediate_size=24,
-            shared_expert_intermediate_size=40, num_experts=5, decoder_sparse_step=2, norm_topk_prob=True),
+            **{**COMMON, "num_hidden_layers": 6}, intermediate_size=56, moe_intermediate_size=24,
+            shared_expert_intermediate_size=40, num_experts=5, decoder_sparse_step=2, mlp_only_layers=[1],
+            norm_topk_prob=True),
         # head_dim 16 with d_model 32 and 4 heads: q is wider than the model
         "Qwen3MoeForCausalLM": transformers.Qwen3MoeConfig(
             **COMMON, intermediate_size=48, moe_intermediate_size=24, num_experts=5, head_dim=16,
@@ -178,7 +179,7 @@ def test_a_native_model_without_an_hf_counterpart_is_refused_naming_the_setting(
 @pytest.mark.parametrize("name, key, value", [
     ("MixtralForCausalLM", "hidden_act", "gelu"),
     ("OlmoeForCausalLM", "clip_qkv", 8.0),
-    ("Qwen2MoeForCausalLM", "mlp_only_layers", [1]),
+    ("Qwen2MoeForCausalLM", "mlp_only_layers", [3]),  # sparse layer 1 before dense layer 3
     ("Qwen3MoeForCausalLM", "use_sliding_window", True),
 ])
 def test_a_setting_we_cannot_reproduce_is_an_error_naming_the_key(name, key, value, tmp_path):

@@ -43,6 +43,16 @@ def test_cached_greedy_equals_recomputing_the_sequence(num_experts, dispatcher, 
     assert got[0].tolist() == greedy_by_recomputing(model, prompt, 8)
 
 
+def test_cached_greedy_with_dense_layers_before_the_moe_blocks():
+    cfg = tiny_config(4)
+    cfg.model.num_layers = 5
+    cfg.model.moe.first_dense_layers = 1
+    model = make_model(cfg)
+    prompt = [5, 9, 2, 33, 7]
+    assert generate.generate(model, cfg, [prompt], max_new_tokens=6)[0].tolist() == greedy_by_recomputing(
+        model, prompt, 6)
+
+
 def test_prefill_logits_equal_the_full_forward_logits():
     cfg = tiny_config(4, "index", 2)
     model = make_model(cfg)

@@ -127,6 +127,25 @@ def test_layers_are_scanned_blocks(num_layers):
     np.testing.assert_allclose(np.asarray(aux["expert_load"]).sum(-1), 1.0, rtol=1e-5)
 
 
+def test_first_dense_layers_run_before_the_moe_blocks():
+    """`moe.first_dense_layers=1` with 5 layers: a dense layer, then two blocks of (dense, MoE)."""
+    model = M.Transformer(tiny_config(num_layers=5, moe=tiny_moe(first_dense_layers=1)), rngs=nnx.Rngs(0))
+    assert model.dense_blocks.layers[0].attention.query.shape == (1, 32, 2, 16)
+    assert not model.dense_blocks.layers[0].is_moe and len(model.dense_blocks.layers) == 1
+    assert model.blocks.layers[0].attention.query.shape == (2, 32, 2, 16)
+    _, aux = forward(model, random_tokens(0))
+    assert aux["expert_load"].shape == (2, 4)
+    # The prefix is part of the function: changing its weights changes the logits.
+    before, _ = forward(model, random_tokens(0))
+    model.dense_blocks.layers[0].ffn.wo[...] *= 2.0
+    after, _ = forward(model, random_tokens(0))
+    assert float(jnp.abs(after - before).max()) > 1e-4
+    with pytest.raises(ValueError, match=r"model.num_layers=4 minus model.moe.first_dense_layers=1 .*every=2"):
+        M.Transformer(tiny_config(num_layers=4, moe=tiny_moe(first_dense_layers=1)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"model.moe.first_dense_layers=4 must be an integer in \[0, "):
+        M.Transformer(tiny_config(num_layers=4, moe=tiny_moe(first_dense_layers=4)), rngs=nnx.Rngs(0))
+
+
 def test_program_size_does_not_grow_with_depth():
     """The blocks run in one scan: 4 and 8 layers trace to the same program (so compile time stays flat)."""
 

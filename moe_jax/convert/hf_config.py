@@ -133,6 +133,13 @@ def require(cfg, key: str, allowed: tuple, why: str) -> None:
         raise ValueError(f"model.{key}={node!r} cannot be exported: {why} (needs {' or '.join(map(repr, allowed))})")
 
 
+def require_no_dense_prefix(cfg, why: str) -> None:
+    """`require` for `moe.first_dense_layers`, which configs written before it existed do not have."""
+    prefix = cfg.moe.get("first_dense_layers", 0)
+    if prefix:
+        raise ValueError(f"model.moe.first_dense_layers={prefix!r} cannot be exported: {why} (needs 0)")
+
+
 def fits(hf_config_of: Callable[[Any], dict], cfg) -> bool:
     """Whether `hf_config_of` can express our config (an architecture's `matches`)."""
     try:

@@ -1,7 +1,8 @@
 """Which Hugging Face tensor each of our decoder's parameters comes from, and the layout change between them.
 
 Our decoder (moe_jax/models/decoder.py) scans identical blocks of `moe.every` layers, so a parameter of a
-layer is one array with a leading block axis: HF layer i is block i // every, layer i % every of the block;
+layer is one array with a leading block axis: HF layer i is block i // every, layer i % every of the block
+(after `moe.first_dense_layers` dense layers, stacked apart in `dense_blocks`, when the model has them);
 expert kernels are stacked [E, ...] as well. HF linear weights are [out, in]; ours are [in..., out...]
 (attention kernels split the head axis: q [d, H, k], o [H, k, d]). Every architecture here uses the Llama
 names for attention and norms; they differ in the MoE block's names (`MoeNames`) and in which options the
@@ -19,7 +20,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from moe_jax.models import layers
+from moe_jax.models import decoder, layers
 
 Path = tuple  # a parameter's path in nnx.state(model), e.g. ("blocks", "layers", 0, "attention", "query")
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed, not weights
@@ -118,24 +119,30 @@ def placement(cfg, names: MoeNames, path: Path) -> Placement:
     top = top_level_tensors(cfg)
     if path in top:
         return Placement(top[path])
-    if len(path) > 3 and path[:2] == ("blocks", "layers"):
-        where = layer_placement(cfg, path, cfg.moe.every if layers.is_moe(cfg) else 1,
-                                lambda moe: layer_tensors(cfg, names, moe=moe))
-        if where is not None:
-            return where
+    prefix = decoder.num_dense_prefix(cfg)
+    tensors_of = lambda moe: layer_tensors(cfg, names, moe=moe)
+    where = None
+    if len(path) > 3 and path[:2] == ("dense_blocks", "layers"):
+        where = layer_placement(cfg, path, 1, lambda moe: tensors_of(False))
+    elif len(path) > 3 and path[:2] == ("blocks", "layers"):
+        where = layer_placement(cfg, path, decoder.layers_per_block(cfg), tensors_of, first_layer=prefix)
+    if where is not None:
+        return where
     raise ValueError(f"our parameter {'.'.join(map(str, path))} has no counterpart in this Hugging Face "
                      f"architecture (a model setting it does not have)")
 
 
-def layer_placement(cfg, path: Path, every: int, tensors_of: Callable[[bool], dict]) -> Optional[Placement]:
+def layer_placement(cfg, path: Path, every: int, tensors_of: Callable[[bool], dict], *,
+                    first_layer: int = 0) -> Optional[Placement]:
     """The placement of a scanned layer's parameter, `path` = (stack, "layers", j, *inside) for layer j of
-    blocks of `every` (the last one MoE); `tensors_of(moe)`: that layer's {inside: Tensor}. None: no tensor."""
+    blocks of `every` (the last one MoE), the stack starting at HF layer `first_layer`; `tensors_of(moe)`:
+    that layer's {inside: Tensor}. None: no tensor."""
     j, inside = int(path[2]), tuple(path[3:])
     tensors = tensors_of(layers.is_moe(cfg) and j == every - 1)
     if inside not in tensors:
         return None
     experts = cfg.moe.num_experts if "{e}" in tensors[inside].hf else 0
-    return Placement(tensors[inside], lambda b: b * every + j, experts)
+    return Placement(tensors[inside], lambda b: first_layer + b * every + j, experts)
 
 
 def hf_names(where: Placement, num_blocks: int) -> list[str]:

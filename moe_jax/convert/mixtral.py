@@ -22,6 +22,7 @@ def hf_config_of(cfg) -> dict:
                                          d_ff=layers.expert_d_ff(cfg))
     hf_config.require(cfg, "moe.normalize", (True,), "Mixtral renormalises the top-k weights")
     hf_config.require(cfg, "moe.every", (1,), "Mixtral has experts in every layer")
+    hf_config.require_no_dense_prefix(cfg, "Mixtral has experts in every layer")
     for key, allowed in (("qk_norm", ("none",)), ("qkv_bias", (False,)), ("moe.num_shared_experts", (0,))):
         hf_config.require(cfg, key, allowed, "Mixtral has no such layer option")
     values.update(sliding_window=None, router_jitter_noise=float(cfg.moe.jitter))

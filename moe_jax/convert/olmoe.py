@@ -23,6 +23,7 @@ def hf_config_of(cfg) -> dict:
                                          d_ff=layers.expert_d_ff(cfg))
     hf_config.require(cfg, "qk_norm", ("projection",), "OLMoE normalises the whole q and k projections")
     hf_config.require(cfg, "moe.every", (1,), "OLMoE has experts in every layer")
+    hf_config.require_no_dense_prefix(cfg, "OLMoE has experts in every layer")
     for key, allowed in (("qkv_bias", (False,)), ("moe.num_shared_experts", (0,))):
         hf_config.require(cfg, key, allowed, "OLMoE has no such layer option")
     values.update(norm_topk_prob=bool(cfg.moe.normalize), attention_bias=False, clip_qkv=None)

@@ -1,5 +1,6 @@
 """Qwen2-MoE (`Qwen2MoeForCausalLM`) and Qwen3-MoE (`Qwen3MoeForCausalLM`): SwiGLU experts every
-`decoder_sparse_step` layers (dense SwiGLU MLPs of `intermediate_size` between), experts of
+`decoder_sparse_step` layers (dense SwiGLU MLPs of `intermediate_size` between, and in the first layers when
+`mlp_only_layers` lists them), experts of
 `moe_intermediate_size`, softmax top-k with or without renormalisation (`norm_topk_prob`), dropless.
 Qwen2-MoE adds q/k/v biases and a shared expert scaled by a sigmoid gate; Qwen3-MoE has neither but an
 RMSNorm of each head's q and k."""
@@ -16,7 +17,8 @@ NAMES = MoeNames(prefix="mlp", gate="gate_proj", up="up_proj", down="down_proj")
 def _layout(hf: hf_config.HfConfig, c) -> None:
     """What both share: the sparse layer layout, expert width, renormalisation, no sliding window."""
     c.moe.every = int(hf.take("decoder_sparse_step", 1))
-    hf.expect("mlp_only_layers", ([],), "the MoE layers come every decoder_sparse_step layers, no exceptions")
+    c.moe.first_dense_layers = dense_prefix(hf.source, c.num_layers, c.moe.every,
+                                            hf.take("mlp_only_layers", None) or [])
     c.moe.d_ff = int(hf.take("moe_intermediate_size"))
     c.moe.normalize = bool(hf.take("norm_topk_prob", False))
     hf.expect("use_sliding_window", (False,), "attention over the whole sequence")
@@ -28,8 +30,33 @@ def _layout(hf: hf_config.HfConfig, c) -> None:
                          f"(full attention only)")
 
 
+def dense_prefix(source, num_layers: int, step: int, mlp_only_layers: list) -> int:
+    """`mlp_only_layers` as our `moe.first_dense_layers`: HF makes layer i sparse when i is not listed and
+    (i + 1) % step == 0; we have dense layers only as a prefix, so the listed sparse layers must be all of
+    those below some layer. ValueError naming the key otherwise."""
+    if step < 1:
+        raise ValueError(f"{source}: decoder_sparse_step={step} must be >= 1")
+    listed = sorted({int(i) for i in mlp_only_layers})
+    if any(not 0 <= i < num_layers for i in listed):
+        raise ValueError(f"{source}: mlp_only_layers={listed} must be layer indices in [0, {num_layers})")
+    sparse = lambda i: (i + 1) % step == 0
+    turned_dense = [i for i in listed if sparse(i)]
+    prefix = turned_dense[-1] + 1 if turned_dense else 0
+    if turned_dense != [i for i in range(prefix) if sparse(i)]:
+        raise ValueError(f"{source}: mlp_only_layers={listed!r} has no counterpart in moe_jax: it leaves sparse "
+                         f"layers before dense ones, and moe_jax has dense layers only before the first MoE layer "
+                         f"(model.moe.first_dense_layers), so the listed sparse layers must be every sparse layer "
+                         f"below some layer")
+    if prefix >= num_layers:
+        raise ValueError(f"{source}: mlp_only_layers={listed} makes every layer dense; import it as a dense "
+                         f"model (num_experts=0)")
+    return prefix
+
+
 def _hf_layout(cfg, values: dict) -> dict:
-    values.update(decoder_sparse_step=cfg.moe.every, mlp_only_layers=[], moe_intermediate_size=layers.expert_d_ff(cfg),
+    prefix = cfg.moe.get("first_dense_layers", 0)
+    values.update(decoder_sparse_step=cfg.moe.every, mlp_only_layers=list(range(prefix)),
+                  moe_intermediate_size=layers.expert_d_ff(cfg),
                   norm_topk_prob=bool(cfg.moe.normalize), use_sliding_window=False)
     return values
 

@@ -8,7 +8,9 @@ Axis letters as in layers.py (B batch, L length, T key positions, d, f, H heads,
 Layout. A *block* is `moe.every` layers: `every - 1` layers with a dense MLP, then one with an `MoeLayer`
 (`every=2` is the Switch Transformer's "every other FFN"; a dense model, `moe.num_experts=0`, has blocks of one
 layer). The `num_layers / every` identical blocks are created with `nnx.vmap` and run with `nnx.scan`, so
-their parameters carry a leading "layers" axis and compile time does not grow with depth.
+their parameters carry a leading "layers" axis and compile time does not grow with depth. An MoE model may
+start with `moe.first_dense_layers` dense layers (DeepSeek's `first_k_dense_replace`, Qwen's `mlp_only_layers`
+as a prefix), a second scanned stack `dense_blocks` of one-layer blocks that runs before `blocks`.
 
 Each layer is pre-norm: x += attn(rms(x)); x += ffn(rms(x)). Attention is causal and, for packed rows,
 restricted to the query's own document (`segment_ids`), with rotary positions taken from the packed
@@ -65,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.moe.num_experts = 0  # 0: dense baseline
     c.moe.k = 1
     c.moe.every = 2  # one MoE layer per `every` layers: the last layer of each block
+    c.moe.first_dense_layers = 0  # dense layers before the first block (MoE models only)
     c.moe.router = "top_k"
     c.moe.dispatcher = "einsum"
     c.moe.capacity_factor = 1.25
@@ -95,14 +98,24 @@ def layers_per_block(cfg) -> int:
     return cfg.moe.every if is_moe(cfg) else 1
 
 
+def num_dense_prefix(cfg) -> int:
+    """Layers with a dense MLP before the first block (`moe.first_dense_layers`; 0 for a dense model)."""
+    prefix = cfg.moe.get("first_dense_layers", 0) if is_moe(cfg) else 0
+    if not isinstance(prefix, int) or isinstance(prefix, bool) or not 0 <= prefix < cfg.num_layers:
+        raise ValueError(f"model.moe.first_dense_layers={prefix!r} must be an integer in [0, model.num_layers="
+                         f"{cfg.num_layers})")
+    return prefix
+
+
 def num_blocks(cfg) -> int:
-    every = layers_per_block(cfg)
+    every, prefix = layers_per_block(cfg), num_dense_prefix(cfg)
     if every < 1:
         raise ValueError(f"model.moe.every={every} must be >= 1")
-    if cfg.num_layers < 1 or cfg.num_layers % every:
-        raise ValueError(f"model.num_layers={cfg.num_layers} must be a positive multiple of "
-                         f"model.moe.every={every}: layers are scanned in identical blocks of `every` layers")
-    return cfg.num_layers // every
+    if cfg.num_layers - prefix < 1 or (cfg.num_layers - prefix) % every:
+        raise ValueError(f"model.num_layers={cfg.num_layers} minus model.moe.first_dense_layers={prefix} must be a "
+                         f"positive multiple of model.moe.every={every}: layers are scanned in identical blocks of "
+                         f"`every` layers")
+    return (cfg.num_layers - prefix) // every
 
 
 def validate_config(cfg) -> None:
@@ -152,11 +165,12 @@ class DecoderLayer(nnx.Module):
 
 
 class Block(nnx.Module):
-    """`layers_per_block` layers; the last one holds the MoE layer when the model has experts."""
+    """`num_layers` layers (default `layers_per_block`); the last one holds the MoE layer when `moe`."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        n = layers_per_block(cfg)
-        self.layers = nnx.List([DecoderLayer(cfg, moe=is_moe(cfg) and i == n - 1, rngs=rngs) for i in range(n)])
+    def __init__(self, cfg, *, rngs: nnx.Rngs, num_layers: Optional[int] = None, moe: Optional[bool] = None):
+        n = layers_per_block(cfg) if num_layers is None else num_layers
+        moe = is_moe(cfg) if moe is None else moe
+        self.layers = nnx.List([DecoderLayer(cfg, moe=moe and i == n - 1, rngs=rngs) for i in range(n)])
 
     def __call__(self, x_BLd, cache=None, **kwargs):
         """-> (x, aux); with a KV `cache` (keys, values) [layers_per_block, B, T, H, k] -> (x, aux, cache)."""
@@ -189,12 +203,17 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembedding = layers.kernel(rngs, (d, V), ("embed", "vocab"), scale=cfg.init_scale)
 
-        @nnx.split_rngs(splits=num_blocks(cfg))
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs):
-            return Block(cfg, rngs=rngs)
+        def stack(count, **block_kwargs):
+            @nnx.split_rngs(splits=count)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs):
+                return Block(cfg, rngs=rngs, **block_kwargs)
 
-        self.blocks = make_blocks(rngs)
+            return make_blocks(rngs)
+
+        if num_dense_prefix(cfg):
+            self.dense_blocks = stack(num_dense_prefix(cfg), num_layers=1, moe=False)
+        self.blocks = stack(num_blocks(cfg))
         self.final_norm = layers.rms_norm(d, self.dtype, rngs, eps=layers.norm_eps(cfg))
         remat, self._remat_policy = layers.remat_policy(cfg.remat)
         self._remat = remat
@@ -244,18 +263,27 @@ class Transformer(nnx.Module):
 
         if replay is not None and not is_moe(self.config):
             raise ValueError("replay: this model has no MoE layer to replay routing into")
+        if hasattr(self, "dense_blocks"):
+            x_BLd, _ = scan_blocks(x_BLd, self.dense_blocks, None)
         x_BLd, aux = scan_blocks(x_BLd, self.blocks, replay)
         return self._logits(x_BLd), aux
 
-    def init_cache(self, batch_size: int, length: int) -> tuple[Array, Array]:
-        """An empty KV cache for `decode`: (keys, values) [blocks, layers per block, B, T, Hkv, k] zeros."""
+    def _stacks(self) -> dict:
+        """The scanned stacks in the order they run: {attribute name: (blocks, layers per block)}."""
+        prefix = {"dense_blocks": (num_dense_prefix(self.config), 1)} if hasattr(self, "dense_blocks") else {}
+        return {**prefix, "blocks": (num_blocks(self.config), layers_per_block(self.config))}
+
+    def init_cache(self, batch_size: int, length: int) -> dict[str, tuple[Array, Array]]:
+        """An empty KV cache for `decode`: {stack: (keys, values) [blocks, layers per block, B, T, Hkv, k]}."""
         cfg = self.config
-        shape = (num_blocks(cfg), layers_per_block(cfg), batch_size, length, layers.num_kv_heads(cfg),
-                 layers.head_dim(cfg))
-        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        cache = {}
+        for name, (count, per_block) in self._stacks().items():
+            shape = (count, per_block, batch_size, length, layers.num_kv_heads(cfg), layers.head_dim(cfg))
+            cache[name] = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        return cache
 
     def decode(self, inputs: Array, *, positions_BL: Array, mask_B1LT: Array, padding_mask_BL: Array,
-               cache: tuple[Array, Array], index: Array, decode_capacity_factor: Optional[float] = None,
+               cache: dict[str, tuple[Array, Array]], index: Array, decode_capacity_factor: Optional[float] = None,
                return_routing: bool = False):
         """Generation: logits of `inputs` [B, L] written at cache slots [index, index + L) -> (logits, cache,
         aux), aux holding each MoE layer's `expert_index` / `routing_weight` [layers, B, L, K] with
@@ -275,7 +303,10 @@ class Transformer(nnx.Module):
             x_BLd, aux, block_cache = block(x_BLd, cache=block_cache, **layer_kwargs)
             return x_BLd, block_cache, aux
 
-        x_BLd, cache, aux = scan_blocks(x_BLd, self.blocks, cache)
+        cache = dict(cache)
+        if "dense_blocks" in cache:
+            x_BLd, cache["dense_blocks"], _ = scan_blocks(x_BLd, self.dense_blocks, cache["dense_blocks"])
+        x_BLd, cache["blocks"], aux = scan_blocks(x_BLd, self.blocks, cache["blocks"])
         return self._logits(x_BLd), cache, aux
 
     def _logits(self, x_BLd: Array) -> Array:
@@ -357,5 +388,6 @@ def describe(cfg) -> str:
     """The start-up header's words on the layout: where the experts are, or "(dense)"."""
     if not is_moe(cfg):
         return " (dense)"
-    return (f"; {cfg.moe.num_experts} experts every {cfg.moe.every} layers, routing groups of "
+    prefix = f" after {num_dense_prefix(cfg)} dense layers" if num_dense_prefix(cfg) else ""
+    return (f"; {cfg.moe.num_experts} experts every {cfg.moe.every} layers{prefix}, routing groups of "
             f"{cfg.moe.group_size} tokens")
