@@ -53,6 +53,7 @@ PAPER_STEPS = 100_000
 # Laptop sweeps run this share of the tiny configs' steps: the eight sweeps (about 30 runs) then fit in about
 # an hour and a quarter on a shared 2-core CPU. Every variant of a sweep runs the same steps.
 LAPTOP_STEP_FRACTION = 1 / 3
+FULL_LENGTH = 1 / LAPTOP_STEP_FRACTION  # `laptop_fraction` for the tiny configs' own length
 KEY_FILE = "sweep_key.txt"
 
 

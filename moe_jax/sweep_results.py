@@ -255,6 +255,77 @@ def _shown_path(path: pathlib.Path) -> str:
 SEED_SUFFIX = " seed "  # variants named "<point> seed <n>" are seeds of one point
 
 
+def seed_groups(results: dict) -> dict[str, list]:
+    """{point: its runs}: variants named "<point> seed <n>" grouped by point (others are points of their own),
+    in the order the points first appear."""
+    groups: dict[str, list] = {}
+    for name, summary in results.items():
+        point, _, seed = name.rpartition(SEED_SUFFIX)
+        groups.setdefault(point if point and seed.isdigit() else name, []).append(summary)
+    return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class PointComparison:
+    """A point's final eval CE over its seeds against the baseline point's."""
+
+    point: str
+    mean: float
+    std: float
+    seeds: int
+    delta: float  # mean - baseline mean (nats; negative: better than the baseline)
+    in_seed_stds: float  # delta / the larger of the two seed stds
+    in_standard_errors: float  # delta / sqrt(std^2 / n + baseline std^2 / baseline n)
+
+    @property
+    def beyond_noise(self) -> bool:
+        """The issue's bar: the difference exceeds 3 seed standard deviations."""
+        return math.isfinite(self.in_seed_stds) and abs(self.in_seed_stds) > 3
+
+
+def compare_points(results: dict, baseline: str) -> list[PointComparison]:
+    """Every point (`seed_groups`) against `baseline`, the baseline first."""
+    groups = seed_groups(results)
+    base_mean, base_std, base_n = seed_stats([s.final_ce for s in groups.get(baseline, [])])
+    out = []
+    for point, runs in groups.items():
+        mean, std, n = seed_stats([s.final_ce for s in runs])
+        delta = mean - base_mean
+        seed_std = max(std, base_std) if n > 1 and base_n > 1 else float("nan")
+        stderr = math.sqrt(std ** 2 / n + base_std ** 2 / base_n) if n > 1 and base_n > 1 else float("nan")
+        ratio = lambda scale: delta / scale if math.isfinite(scale) and scale > 0 else float("nan")
+        out.append(PointComparison(point, mean, std, n, delta if point != baseline else 0.0,
+                                   ratio(seed_std) if point != baseline else float("nan"),
+                                   ratio(stderr) if point != baseline else float("nan")))
+    return sorted(out, key=lambda c: c.point != baseline)
+
+
+def comparison_table(comparisons: list[PointComparison], baseline: str) -> list[str]:
+    """Markdown rows: mean ± std (seeds), the difference to `baseline` in nats, seed stds and standard errors."""
+    rows = [f"| point | eval CE, mean ± std (seeds) | Δ vs {baseline} | in seed stds | in std. errors | beyond 3 "
+            f"seed stds |", "|---|---|---|---|---|---|"]
+    for c in comparisons:
+        rows.append(f"| {c.point} | {num(c.mean)} ± {num(c.std)} ({c.seeds}) | {num(c.delta, '+.4f')} | "
+                    f"{num(c.in_seed_stds, '+.1f')} | {num(c.in_standard_errors, '+.1f')} | "
+                    f"{'yes' if c.beyond_noise else 'no' if c.point != baseline else ''} |")
+    return rows
+
+
+def noise_sentence(comparisons: list[PointComparison], baseline: str) -> str:
+    """Which differences to the baseline exceed 3 seed standard deviations, in one sentence."""
+    others = [c for c in comparisons if c.point != baseline and math.isfinite(c.in_seed_stds)]
+    if not others:
+        return f"Not enough finished seeds to compare with {baseline}."
+    beyond = [c for c in others if c.beyond_noise]
+    if not beyond:
+        largest = max(others, key=lambda c: abs(c.in_seed_stds))
+        return (f"No point differs from {baseline} by more than 3 seed standard deviations (the largest gap: "
+                f"{largest.point}, {largest.in_seed_stds:+.1f}).")
+    return (f"Beyond 3 seed standard deviations from {baseline}: "
+            + ", ".join(f"{c.point} ({c.delta:+.4f}, {c.in_seed_stds:+.1f} stds)" for c in beyond)
+            + "; every other difference is within the seed noise.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Curve:
     """One line of the plot: a run, or the mean of a point's seeds with their standard deviation (`spread`)."""
@@ -269,12 +340,8 @@ class Curve:
 def curves(runs: list) -> list[Curve]:
     """A curve per run, except that the seeds of one point ("<point> seed <n>") become their mean and standard
     deviation over the eval steps they all reached."""
-    groups: dict[str, list] = {}
-    for s in runs:
-        point, _, seed = s.name.rpartition(SEED_SUFFIX)
-        groups.setdefault(point if point and seed.isdigit() else s.name, []).append(s)
     out = []
-    for point, group in groups.items():
+    for point, group in seed_groups({s.name: s for s in runs}).items():
         if len(group) == 1:
             s = group[0]
             out.append(Curve(s.name + ("" if s.status == "finished" else f" ({s.status})"), list(s.eval_steps),

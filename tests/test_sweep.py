@@ -154,7 +154,7 @@ NUM_EXPERTS = "--sweep=experiments/ablations/num_experts.py"
     ([NUM_EXPERTS, "--scale=huge"], ["--scale", "'huge'", "'laptop', 'paper'"]),
     (["--sweep=experiments/ablations/nope.py"], ["'experiments/ablations/nope.py' not found"]),
     (["--sweep=README.md"], ["'README.md' is not a Python file"]),
-    ([NUM_EXPERTS, "--variants=8 experts,bogus"], ["['bogus']", "'dense', '2 experts'"]),
+    ([NUM_EXPERTS, "--variants=8 experts seed 0,bogus"], ["['bogus']", "'dense seed 0', '2 experts seed 0'"]),
     ([], ["required: --sweep"]),
     (["--sweep={raises}"], ["variants('laptop') raised ZeroDivisionError", "raises.py line 5"]),
     (["--sweep={bad_arg}"], ["variant 'a'", "get_config('experts=abc') raised ValueError", "experts=<int>"]),
@@ -185,3 +185,45 @@ def test_seeds_of_one_point_are_plotted_as_mean_and_spread():
     assert dense.label == "dense (mean ± std, 2 seeds)" and dense.steps == [10, 20]  # the steps both reached
     assert dense.ce == pytest.approx([3.1, 2.2]) and dense.spread == pytest.approx([0.1414214, 0.2828427])
     assert switch.label == "switch-8 CF 1.0 (diverged)" and switch.spread is None and switch.ce == [2.9, 1.9, 0.9]
+
+
+def fake_run(name, final_ce, steps=300):
+    from moe_jax import sweep_results
+
+    eval_steps = list(range(50, steps + 1, 50))
+    ce = [final_ce + 0.1 * (len(eval_steps) - i - 1) for i in range(len(eval_steps))]
+    return sweep_results.Summary(
+        name=name, run_dir="", status="finished", steps=steps, last_step=steps, eval_steps=eval_steps, eval_ce=ce,
+        eval_seconds=[float(s) for s in eval_steps], train_steps=eval_steps, train_loss=ce, entropy_floor=None,
+        examples_per_sec=50.0, train_seconds=100.0, dropped_fraction=0.01, load_cv=0.2, router_max_logit=1.0,
+        max_train_loss_jump=0.0)
+
+
+def test_points_are_compared_over_their_seeds_against_the_noise():
+    from moe_jax import sweep_results
+
+    results = {f"{point} seed {seed}": fake_run(f"{point} seed {seed}", ce)
+               for point, ces in {"dense": (2.00, 2.02, 2.04), "near": (1.99, 2.01, 2.03),
+                                  "far": (1.80, 1.81, 1.82)}.items() for seed, ce in enumerate(ces)}
+    dense, near, far = sweep_results.compare_points(results, "dense")
+    assert (dense.point, dense.mean, dense.seeds) == ("dense", pytest.approx(2.02), 3)
+    assert near.delta == pytest.approx(-0.01) and near.in_seed_stds == pytest.approx(-0.5)
+    assert not near.beyond_noise and far.beyond_noise and far.in_seed_stds == pytest.approx(-0.21 / 0.02)
+    assert far.in_standard_errors == pytest.approx(-0.21 / ((0.02 ** 2 + 0.01 ** 2) / 3) ** 0.5)
+    sentence = sweep_results.noise_sentence([dense, near, far], "dense")
+    assert "far (-0.2100, -10.5 stds)" in sentence and "near" not in sentence
+    table = sweep_results.comparison_table([dense, near, far], "dense")
+    assert table[3].startswith("| near | 2.0100 ± 0.0200 (3) | -0.0100 | -0.5 |") and table[4].endswith("| yes |")
+
+
+@pytest.mark.parametrize("name", ["num_experts", "capacity_factor", "init_scale"])
+def test_headline_sweeps_run_three_seeds_at_full_length_and_analyse_them(name):
+    """The Fig. 4 / Table 1 / Table 3 sweeps: every point has seeds 0-2 at the tiny configs' 300 steps, and
+    the analysis of a full set of (fake) results reports means, spreads and the noise verdict."""
+    module = sweep.load_sweep(f"experiments/ablations/{name}.py")
+    names = list(module.variants)
+    assert {n.rpartition(" seed ")[2] for n in names} == {"0", "1", "2"}
+    assert {v.overrides["train.steps"] for v in module.variants.values()} == {300}
+    results = {n: fake_run(n, 2.0 + 0.01 * i) for i, n in enumerate(names)}
+    text = module.module.analysis(results, "laptop")
+    assert "±" in text and "seed std" in text

@@ -2,20 +2,24 @@
 
 Every model has tiny_dense's width, depth and d_ff; the MoE models replace every other FFN by a top-1 Switch
 layer (so each token still goes through one FFN of width d_ff: equal active FLOPs, up to the router). Equal
-steps, equal data. We report eval cross-entropy against steps and the step speed-up: how many steps dense
-needs to reach its final loss divided by how many the MoE model needs.
+steps (the tiny configs' full 300), equal data, 3 seeds per point (`train.seed`: the initialisation; the data
+order is fixed). We report eval cross-entropy as mean ± std over the seeds, which differences to dense exceed
+3 seed standard deviations, and the step speed-up: how many steps dense needs to reach its final loss
+divided by how many the MoE model needs (each from its seeds' mean curve).
 
     python -m moe_jax.sweep --sweep=experiments/ablations/num_experts.py --workdir=runs/ablations
 
-`--scale=paper` runs T5-Base against Switch-Base with the same expert counts (100k steps each).
-Expected: see experiments/results/num_experts.md (2-core CPU, a few minutes per variant).
+`--scale=paper` runs T5-Base against Switch-Base with the same expert counts (100k steps each, one seed).
+Expected: see experiments/results/num_experts.md (2-core CPU, 2-5 minutes per run, 18 runs).
 """
 
 import math
 
 from moe_jax import sweep
+from moe_jax.sweep_results import compare_points, comparison_table, curves, noise_sentence, seed_groups
 
 EXPERTS = (2, 4, 8, 16, 32)
+SEEDS = (0, 1, 2)
 COLUMNS = ("eval_ce", "gap_to_floor", "examples_per_sec", "dropped_fraction", "load_cv")
 PAPER = """
 Fedus et al. 2022, Figure 4 and §3.1 (numbers in experiments/results/switch_paper.md): at equal FLOPs per
@@ -27,75 +31,70 @@ per-expert-count losses of Figure 4 are not given as numbers in the text.
 
 
 def variants(scale):
-    out = {"dense": sweep.base(scale, dense=True).override(paper="T5-Base (Fig. 4 baseline)")}
-    for e in EXPERTS:
-        out[f"{e} experts"] = sweep.base(scale, experts=e).override(
-            paper="beats dense (App. D, Fig. 12)" if e <= 8 else "better than fewer experts (Fig. 4)")
+    out = {}
+    for seed in SEEDS if scale == "laptop" else SEEDS[:1]:  # seed-major: a partial sweep has every point
+        seeded = {"train.seed": seed}
+        out[f"dense seed {seed}"] = sweep.base(scale, dense=True, laptop_fraction=sweep.FULL_LENGTH).override(
+            seeded, paper="T5-Base (Fig. 4 baseline)" if seed == 0 else "")
+        for e in EXPERTS:
+            out[f"{e} experts seed {seed}"] = sweep.base(scale, experts=e, laptop_fraction=sweep.FULL_LENGTH).override(
+                seeded, paper=("beats dense (App. D, Fig. 12)" if e <= 8 else "better than fewer experts (Fig. 4)")
+                if seed == 0 else "")
     return out
 
 
-def speedups(results):
-    """{variant: dense steps to its final loss / variant steps to the same loss} (nan: never reached)."""
-    dense = results.get("dense")
-    if dense is None or not math.isfinite(dense.final_ce):
+def _steps_to_reach(curve, target: float) -> float:
+    """First step at which a (mean) curve's eval CE <= target, interpolated between evaluations (nan: never)."""
+    previous = (0, float("inf"))
+    for step, ce in zip(curve.steps, curve.ce):
+        if ce <= target:
+            p_step, p_ce = previous
+            return float(step) if not math.isfinite(p_ce) else p_step + (step - p_step) * (p_ce - target) / (p_ce - ce)
+        previous = (step, ce)
+    return float("nan")
+
+
+def speedups(results) -> dict:
+    """{point: dense's steps to its final mean loss / the point's steps to the same loss} on mean curves."""
+    mean_curves = {c.label.split(" (mean")[0]: c for c in curves(list(results.values()))}
+    dense = mean_curves.get("dense")
+    if dense is None or not dense.ce:
         return {}
-    target = dense.final_ce
-    return {name: dense.steps_to_reach(target) / s.steps_to_reach(target)
-            for name, s in results.items() if name != "dense"}
+    target = dense.ce[-1]
+    return {point: _steps_to_reach(dense, target) / _steps_to_reach(c, target)
+            for point, c in mean_curves.items() if point != "dense"}
 
 
 def analysis(results, scale):
-    dense = results.get("dense")
+    comparisons = compare_points(results, "dense")
     ups = speedups(results)
-    lines = ["| variant | eval CE | Δ vs dense | steps to dense's final loss | step speed-up |",
-             "|---|---|---|---|---|"]
-    for name, s in results.items():
-        delta = s.final_ce - dense.final_ce if dense else float("nan")
-        reach = s.steps_to_reach(dense.final_ce) if dense else float("nan")
-        lines.append(f"| {name} | {sweep.num(s.final_ce)} | {sweep.num(delta, '+.4f')} | {sweep.num(reach, '.0f')} "
-                     f"| {sweep.num(ups.get(name, 1.0 if name == 'dense' else float('nan')), '.2f')}× |")
-    moe = {n: s for n, s in results.items() if n != "dense" and math.isfinite(s.final_ce)}
-    if not dense or not moe or not math.isfinite(dense.final_ce):
+    lines = comparison_table(comparisons, "dense")
+    lines[0] += " step speed-up |"
+    lines[1] += "---|"
+    for i, c in enumerate(comparisons, start=2):
+        lines[i] += f" {sweep.num(ups.get(c.point, 1.0 if c.point == 'dense' else float('nan')), '.2f')}× |"
+    moe = [c for c in comparisons if c.point != "dense" and math.isfinite(c.mean)]
+    if not moe or not math.isfinite(comparisons[0].mean):
         return "\n".join(lines) + "\n\nNot enough finished runs for an analysis."
-    best = min(moe, key=lambda n: moe[n].final_ce)
-    beat = [n for n, s in moe.items() if s.final_ce < dense.final_ce]
-    ordered = [moe[f"{e} experts"].final_ce for e in EXPERTS if f"{e} experts" in moe]
+    best = min(moe, key=lambda c: c.mean)
+    ordered = [c.mean for c in moe]
     monotone = all(b <= a for a, b in zip(ordered, ordered[1:]))
-    finite_ups = {n: u for n, u in ups.items() if math.isfinite(u)}
-    top = max(finite_ups, key=finite_ups.get) if finite_ups else None
+    dropped = {p: [s.dropped_fraction for s in runs] for p, runs in seed_groups(results).items()}
     text = [
-        f"{len(beat)} of {len(moe)} MoE models end below dense ({sweep.num(dense.final_ce)} nats/token); the best is "
-        f"{best} at {sweep.num(moe[best].final_ce)} ({sweep.num(moe[best].final_ce - dense.final_ce, '+.4f')}).",
-        ("The loss falls monotonically with the number of experts, as in the paper's Figure 4." if monotone else
-         "Unlike the paper's Figure 4, the loss does not fall monotonically with the number of experts here."),
+        f"{sum(c.delta < 0 for c in moe)} of {len(moe)} MoE points end below dense on the seeds' mean "
+        f"({sweep.num(comparisons[0].mean)} ± {sweep.num(comparisons[0].std)} nats/token); the best is {best.point} "
+        f"at {sweep.num(best.mean)} ({sweep.num(best.delta, '+.4f')}).",
+        noise_sentence(comparisons, "dense"),
+        ("The mean loss falls monotonically with the number of experts, as in the paper's Figure 4." if monotone else
+         "Unlike the paper's Figure 4, the mean loss does not fall monotonically with the number of experts here."),
+        "Tokens dropped in training at capacity factor 1.25 (mean over seeds): " + ", ".join(
+            f"{p} {100 * sum(v) / len(v):.1f}%" for p, v in dropped.items() if p != "dense" and v) + ".",
     ]
-    if not monotone:
-        larger = [n for n in moe if moe[n].final_ce > moe[best].final_ce and int(n.split()[0]) > int(best.split()[0])]
-        if larger:
-            text.append(f"Beyond {best} the loss rises again ({', '.join(larger)}); these models drop "
-                        + ", ".join(f"{100 * moe[n].dropped_fraction:.1f}%" for n in larger)
-                        + f" of their tokens in training (vs {100 * moe[best].dropped_fraction:.1f}% for {best}) and "
-                        f"their load is less even (load CV "
-                        + ", ".join(f"{moe[n].load_cv:.2f}" for n in larger) + f" vs {moe[best].load_cv:.2f}). "
-                        f"Likely reasons: with capacity factor 1.25 an uneven load drops more tokens as E grows, and "
-                        f"in {dense.steps} steps each of many experts has seen few tokens; the paper trains for "
-                        f"hundreds of thousands of steps and reports dropping below 1%.")
-    text.append("Each number is one seed: differences of a few thousandths of a nat are within seed noise "
-                "(init_scale.md measures the spread over 3 seeds).")
-    if top:
-        text.append(f"The largest step speed-up to dense's final loss is {finite_ups[top]:.2f}× ({top}); the paper "
-                    f"reports 7.5× for 64 experts, measured at 450k steps of T5-Base. Our runs are {dense.steps} "
-                    f"steps of a 4-layer model on a synthetic corpus, so the speed-up is measured early, where the "
-                    f"curves are still steep; the paper's gap widens as training goes on (§3.1), which runs of a "
-                    f"few minutes cannot show.")
-    else:
-        text.append("No MoE model reached dense's final loss before the end of its run, so there is no step "
-                    "speed-up to report; the paper reports 7.5× at 64 experts.")
-    speeds = {n: s.examples_per_sec / dense.examples_per_sec for n, s in moe.items()}
-    slowest = min(speeds, key=speeds.get)
-    text.append(f"Per step, the MoE models run at {min(speeds.values()):.2f}–{max(speeds.values()):.2f}× dense's "
-                f"examples/s here (slowest: {slowest}; the machine is shared, so differences under ~10% are noise)"
-                + (", so against wall-clock time the MoE advantage shrinks" if max(speeds.values()) < 0.9 else "")
-                + ". The paper's time comparison (Figure 5: T5-Base quality in one-seventh of the time) is on "
-                "TPUs with experts spread over 32 cores.")
+    finite_ups = {p: u for p, u in ups.items() if math.isfinite(u)}
+    if finite_ups:
+        top = max(finite_ups, key=finite_ups.get)
+        text.append(f"The largest step speed-up to dense's final mean loss is {finite_ups[top]:.2f}× ({top}); the "
+                    f"paper reports 7.5× for 64 experts at 450k steps of T5-Base. These are 300 steps of a 4-layer "
+                    f"model on the synthetic corpus, where the curves are still steep.")
     return "\n".join(lines) + "\n\n" + " ".join(text)
+
