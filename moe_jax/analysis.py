@@ -1,6 +1,7 @@
 """Looking inside a trained MoE model: where tokens go, which experts idle, what each expert prefers.
 
     routed = analysis.collect(model, batches)                    # every real token's routing, per MoE layer
+    analysis.collect_stacks(model, batches)                      # {stack: Routed}, e.g. encoder and decoder
     analysis.expert_load(routed)                                 # [layers, E] share of kept assignments
     analysis.dead_experts(routed)                                # per layer: experts under 10% of a fair share
     analysis.dropped_fraction(routed, capacity_factor=1.25)      # [layers], recomputed at any capacity
@@ -48,42 +49,81 @@ class Routed:
         return self.expert_index[..., 0]
 
 
+# The MoE stacks of each model family: stack attribute -> (its batch keys' prefix, its key in the model's aux)
+_STACKS = {"decoder": {"blocks": ("", None)},
+           "encdec": {"encoder_blocks": ("encoder_", "encoder"), "decoder_blocks": ("decoder_", "decoder")}}
+
+
 def collect(model, batches: Iterable[dict]) -> Routed:
     """Run `model` (a decoder with MoE layers) over LM batches (`inputs`, `segment_ids`, `positions`, optional
     `domains`) and keep every real token's routing."""
+    from moe_jax import models
+
+    if models.name_of(model.config) != "decoder":
+        raise ValueError(f"analysis.collect reads decoder-only models; for model.name="
+                         f"{models.name_of(model.config)!r} use collect_stacks (one Routed per stack)")
+    return collect_stacks(model, batches)["blocks"]
+
+
+def collect_stacks(model, batches: Iterable[dict]) -> dict[str, Routed]:
+    """{MoE stack: every real token's routing in it}: the decoder's `blocks`, or the encoder-decoder's
+    `encoder_blocks` (encoder tokens) and `decoder_blocks` (decoder tokens), from the model's own forward pass
+    over its family's batches (LM or span corruption)."""
     from flax import nnx
 
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(functools.partial(_forward, graphdef))
+    from moe_jax import models
+
     cfg = model.config
     if not cfg.moe.num_experts:
         raise ValueError("analysis needs an MoE model (model.moe.num_experts > 0); this one is dense")
-    index, weight, tokens, domains, groups, entropy = [], [], [], [], [], []
-    group_size = cfg.moe.group_size
+    family = models.name_of(cfg)
+    if family not in _STACKS:
+        raise ValueError(f"analysis: model.name={family!r} has no known MoE stacks ({sorted(_STACKS)})")
+    stacks = _STACKS[family]
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(functools.partial(_forward if family == "decoder" else _encdec_forward, graphdef))
+    parts = {stack: dict(index=[], weight=[], tokens=[], domains=[], groups=[], entropy=[]) for stack in stacks}
+    group_sizes = {stack: cfg.moe.group_size for stack in stacks}
+    if family == "encdec" and cfg.moe.get("decoder_group_size"):
+        group_sizes["decoder_blocks"] = cfg.moe.decoder_group_size
     for b, batch in enumerate(batches):
-        aux = forward(state, jnp.asarray(batch["inputs"]), jnp.asarray(batch["segment_ids"]),
-                      jnp.asarray(batch["positions"]))
-        real = np.asarray(batch["segment_ids"]) > 0
-        index.append(np.asarray(aux["expert_index"])[:, real])
-        weight.append(np.asarray(aux["routing_weight"])[:, real])
-        tokens.append(np.asarray(batch["inputs"])[real])
-        if "domains" in batch:
-            domains.append(np.asarray(batch["domains"])[real])
-        flat_position = np.arange(real.size).reshape(real.shape)
-        groups.append(b * 1_000_000_007 + flat_position[real] // group_size)
-        entropy.append(np.asarray(aux["router_entropy"]))
-    if not index:
+        aux_all = forward(state, {k: jnp.asarray(v) for k, v in batch.items() if k != "domains"})
+        for stack, (prefix, aux_key) in stacks.items():
+            aux, part = aux_all if aux_key is None else aux_all[aux_key], parts[stack]
+            real = np.asarray(batch[prefix + "segment_ids"]) > 0
+            part["index"].append(np.asarray(aux["expert_index"])[:, real])
+            part["weight"].append(np.asarray(aux["routing_weight"])[:, real])
+            part["tokens"].append(np.asarray(batch[prefix + "inputs"])[real])
+            if "domains" in batch and not prefix:
+                part["domains"].append(np.asarray(batch["domains"])[real])
+            flat_position = np.arange(real.size).reshape(real.shape)
+            part["groups"].append(b * 1_000_000_007 + flat_position[real] // group_sizes[stack])
+            part["entropy"].append(np.asarray(aux["router_entropy"]))
+    if not parts[next(iter(stacks))]["index"]:
         raise ValueError("analysis: no batches to analyse")
-    return Routed(np.concatenate(index, axis=1), np.concatenate(weight, axis=1), np.concatenate(tokens),
-                  np.concatenate(domains) if domains else None, np.concatenate(groups),
-                  np.mean(entropy, axis=0), cfg.moe.num_experts, group_size)
+    return {stack: Routed(np.concatenate(p["index"], axis=1), np.concatenate(p["weight"], axis=1),
+                          np.concatenate(p["tokens"]), np.concatenate(p["domains"]) if p["domains"] else None,
+                          np.concatenate(p["groups"]), np.mean(p["entropy"], axis=0), cfg.moe.num_experts,
+                          group_sizes[stack])
+            for stack, p in parts.items()}
 
 
-def _forward(graphdef, state, inputs, segments, positions):
+def _forward(graphdef, state, batch):
     from flax import nnx
 
     model = nnx.merge(graphdef, state)
-    _, aux = model(inputs, segment_ids=segments, positions=positions, deterministic=True, return_routing=True)
+    _, aux = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                   deterministic=True, return_routing=True)
+    return aux
+
+
+def _encdec_forward(graphdef, state, batch):
+    from flax import nnx
+
+    model = nnx.merge(graphdef, state)
+    _, aux = model(batch["encoder_inputs"], batch["decoder_inputs"], encoder_segment_ids=batch["encoder_segment_ids"],
+                   decoder_segment_ids=batch["decoder_segment_ids"], encoder_positions=batch["encoder_positions"],
+                   decoder_positions=batch["decoder_positions"], deterministic=True, return_routing=True)
     return aux
 
 

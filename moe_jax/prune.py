@@ -17,7 +17,8 @@ The N experts kept keep their order; the router's columns (and `noise_kernel` / 
 with them, so the router is renumbered 0..N-1 and a token goes to the best of the kept experts. Optimizer
 moments are pruned (or merged) the same way, so the output is a run at the same step with `model.moe.num_experts
 = N` that `moe_jax.evaluate`, `moe_jax.sample` and `moe_jax.main` (with a larger `train.steps`) use as they use
-any run; the data iterator continues where the source run stopped. The hash router (a fixed token -> expert table) cannot be pruned. Decoder family only for now.
+any run; the data iterator continues where the source run stopped. The hash router (a fixed token -> expert table) cannot be pruned. Decoder and encoder-decoder
+(both stacks' MoE layers; scored on span-corruption batches) alike.
 """
 
 from __future__ import annotations
@@ -35,16 +36,22 @@ _EXPERT_WEIGHTS = ("wi", "wi_gate", "wo")
 
 
 def expert_scores(model, batches, method: str) -> np.ndarray:
-    """[MoE layers, E] score of each expert on `batches` (LM batches): `load` or `router_mass` shares."""
+    """[MoE layers, E] score of each expert on `batches` (the family's batches): `load` or `router_mass`
+    shares; the layers of every MoE stack in `_moe_layers` order (the encoder's before the decoder's)."""
     from moe_jax import analysis
 
-    routed = analysis.collect(model, batches)
-    if method == "router_mass":
-        E = routed.num_experts
-        mass = np.stack([np.bincount(index.reshape(-1), weights=weight.reshape(-1), minlength=E)
-                         for index, weight in zip(routed.expert_index, routed.weight)])
-        return mass / np.maximum(mass.sum(axis=1, keepdims=True), 1e-30)
-    return analysis.expert_load(routed)
+    stacks = analysis.collect_stacks(model, batches)
+    scores = []
+    for path in _moe_layers(model):
+        routed = stacks[path[0]]
+        if method == "router_mass":
+            E = routed.num_experts
+            mass = np.stack([np.bincount(index.reshape(-1), weights=weight.reshape(-1), minlength=E)
+                             for index, weight in zip(routed.expert_index, routed.weight)])
+            scores.append(mass / np.maximum(mass.sum(axis=1, keepdims=True), 1e-30))
+        else:
+            scores.append(analysis.expert_load(routed))
+    return np.concatenate(scores)
 
 
 def kept_experts(scores_LE: np.ndarray, keep: int) -> np.ndarray:
@@ -72,10 +79,23 @@ def merge_plan(expert_weights_LEx: np.ndarray, kept_LN: np.ndarray, load_LE: np.
 
 
 def _moe_layers(model) -> dict[tuple, object]:
-    """Path -> MoeLayer (a scanned stack of MoE layers is one entry with stacked variables)."""
+    """Path -> MoeLayer (a scanned stack of MoE layers is one entry with stacked variables), in the order the
+    model runs them: the encoder's stack before the decoder's."""
     from moe_jax import moe
 
-    return {tuple(path): module for path, module in nnx.iter_graph(model) if isinstance(module, moe.MoeLayer)}
+    found = {tuple(path): module for path, module in nnx.iter_graph(model) if isinstance(module, moe.MoeLayer)}
+    order = ("encoder_blocks", "blocks", "decoder_blocks")
+    return dict(sorted(found.items(), key=lambda item: order.index(item[0][0]) if item[0][0] in order else 99))
+
+
+def _layer_rows(model) -> dict[tuple, slice]:
+    """Path of each MoE stack -> its rows of the [MoE layers, ...] score and plan arrays."""
+    rows, start = {}, 0
+    for path, layer in _moe_layers(model).items():
+        count = layer.wo.shape[0]  # the scanned stack's leading axis
+        rows[path] = slice(start, start + count)
+        start += count
+    return rows
 
 
 def _expert_axis(name: str, names: tuple, ndim: int) -> int:
@@ -84,14 +104,25 @@ def _expert_axis(name: str, names: tuple, ndim: int) -> int:
 
 def prune_state(run, state, kept_LN: np.ndarray, plan_LNE: Optional[np.ndarray] = None):
     """The train state (model and optimizer) with each MoE layer's experts cut to `kept_LN` [layers, N], or
-    combined by `plan_LNE` [layers, N, E] (merging). Layers are the MoE layers in order (the scanned stack's
-    leading axis). Returns {flat path: new array} for every variable that changes."""
+    combined by `plan_LNE` [layers, N, E] (merging). Layers are the MoE layers in `_moe_layers` order (each
+    scanned stack's leading axis, the encoder's stack first). Returns {flat path: new array} for every
+    variable that changes."""
     model, _ = nnx.merge(run.graphdef, state)
-    layers = _moe_layers(model)
-    if len(layers) != 1:
-        raise ValueError("prune: the decoder's MoE layers (one scanned stack) are supported; this model has "
-                         f"{len(layers)} MoE layer modules")
-    (layer_path, layer), = layers.items()
+    stacks = _moe_layers(model)
+    rows = _layer_rows(model)
+    if sum(r.stop - r.start for r in rows.values()) != kept_LN.shape[0]:
+        raise ValueError(f"prune: {kept_LN.shape[0]} layers of kept experts for a model with "
+                         f"{sum(r.stop - r.start for r in rows.values())} MoE layers")
+    changed = {}
+    for layer_path, layer in stacks.items():
+        part = rows[layer_path]
+        changed.update(_prune_stack(state, layer_path, layer, kept_LN[part],
+                                    None if plan_LNE is None else plan_LNE[part]))
+    return changed
+
+
+def _prune_stack(state, layer_path: tuple, layer, kept_LN: np.ndarray, plan_LNE: Optional[np.ndarray]) -> dict:
+    """`prune_state` for one scanned stack of MoE layers at `layer_path`."""
     if layer.router == "hash":
         raise ValueError("model.moe.router='hash': the fixed token -> expert table cannot be pruned")
     E, L = layer.num_experts, kept_LN.shape[0]
@@ -177,11 +208,13 @@ def prune_run(workdir, keep: int, output, *, method: str = "load", step: Optiona
 
 def model_merge_plan(model, kept_LN: np.ndarray, load_LE: np.ndarray) -> np.ndarray:
     """`merge_plan` of the model's MoE layers from their expert weights (`wi`, `wi_gate`, `wo`)."""
-    layer = next(iter(_moe_layers(model).values()))
-    weights = [np.asarray(getattr(layer, n)[...]) for n in _EXPERT_WEIGHTS
-               if isinstance(getattr(layer, n, None), nnx.Variable)]
-    flat = np.concatenate([w.reshape(w.shape[0], w.shape[1], -1) for w in weights], axis=-1)
-    return merge_plan(flat, kept_LN, load_LE)
+    plans = []
+    for (path, layer), part in zip(_moe_layers(model).items(), _layer_rows(model).values()):
+        weights = [np.asarray(getattr(layer, n)[...]) for n in _EXPERT_WEIGHTS
+                   if isinstance(getattr(layer, n, None), nnx.Variable)]
+        flat = np.concatenate([w.reshape(w.shape[0], w.shape[1], -1) for w in weights], axis=-1)
+        plans.append(merge_plan(flat, kept_LN[part], load_LE[part]))
+    return np.concatenate(plans)
 
 
 def pruned_setup(run, keep: int, devices=None):

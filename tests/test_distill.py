@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from cli_checks import assert_user_error, run_cli
-from tiny_runs import tiny
+from tiny_runs import tiny, tiny_encdec
 from moe_jax import checkpoint, distill, models, train, upcycle
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,6 +71,32 @@ def test_distillation_loss_is_the_mixture_of_teacher_and_ground_truth():
     plain, _ = family.loss_fn(student, batch, deterministic=False, **weights)
     at_zero, _ = distill.distillation_loss(family, student, teacher, batch, alpha=0.0, **weights)
     assert float(at_zero) == float(plain)
+
+
+def test_encoder_decoder_distillation_loss_is_the_mixture_on_span_corruption():
+    """A dense encoder-decoder student of a Switch encoder-decoder teacher: the soft targets are the teacher's
+    decoder distributions, weighted by `decoder_loss_weights`."""
+    from moe_jax import data
+
+    student_cfg, teacher_cfg = tiny_encdec(0), tiny_encdec(4)
+    family = models.get(student_cfg)
+    student = family.create(student_cfg.model, nnx.Rngs(params=0, dropout=1))
+    teacher = family.create(teacher_cfg.model, nnx.Rngs(params=1, dropout=2))
+    batch, = data.make_eval_batches(student_cfg.data, 1, batch_format=family.batch_format)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    call = lambda model, deterministic: model(
+        batch["encoder_inputs"], batch["decoder_inputs"], encoder_segment_ids=batch["encoder_segment_ids"],
+        decoder_segment_ids=batch["decoder_segment_ids"], encoder_positions=batch["encoder_positions"],
+        decoder_positions=batch["decoder_positions"], deterministic=deterministic)[0]
+    log_q, p = numpy_log_softmax(call(student, False)), np.exp(numpy_log_softmax(call(teacher, True)))
+    w = np.asarray(batch["decoder_loss_weights"], np.float64)
+    assert 0 < w.sum() < w.size  # padding in the decoder rows is left out
+    soft = (-(p * log_q).sum(-1) * w).sum() / w.sum()
+    hard = (-np.take_along_axis(log_q, np.asarray(batch["decoder_targets"])[..., None], -1)[..., 0] * w).sum() / w.sum()
+    loss, metrics = distill.distillation_loss(family, student, teacher, batch, alpha=0.25, aux_loss_weight=0.0,
+                                              z_loss_weight=0.0)
+    np.testing.assert_allclose(float(loss), 0.25 * soft + 0.75 * hard, rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["distill_ce"]), soft, rtol=2e-5)
 
 
 def test_cli_dense_student_of_a_switch_teacher_on_two_devices(teacher_run, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from cli_checks import run_cli
+from tiny_runs import tiny_encdec
 from moe_jax import checkpoint, evaluate, generate, prune, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -129,3 +130,39 @@ def test_bad_prune_requests_are_named(moe_run, tmp_path):
     with pytest.raises(ValueError, match="already holds checkpoints"):
         prune.prune_run(workdir, 2, workdir)
     assert not (tmp_path / "x").exists()
+
+
+def test_encoder_decoder_prune_cuts_both_stacks_and_the_run_resumes(tmp_path):
+    """Both stacks' MoE layers are scored on span-corruption batches and pruned; the pruned run evaluates and
+    trains on through `moe_jax.main`."""
+    from moe_jax import analysis
+
+    source = tmp_path / "encdec"
+    train.train(tiny_encdec(4, steps=2), str(source), devices=jax.devices()[:1])
+    run, state, _ = checkpoint.restore_run(source, devices=jax.devices()[:1])
+    model, _ = nnx.merge(run.graphdef, state)
+    from moe_jax import data
+
+    batches = data.make_eval_batches(run.config.data, 2, batch_format=run.family.batch_format)
+    stacks = analysis.collect_stacks(model, batches)
+    assert set(stacks) == {"encoder_blocks", "decoder_blocks"}
+    real_encoder_tokens = sum(int((np.asarray(b["encoder_segment_ids"]) > 0).sum()) for b in batches)
+    assert stacks["encoder_blocks"].expert_index.shape[:2] == (1, real_encoder_tokens)
+    scores = prune.expert_scores(model, batches, "load")
+    assert scores.shape == (2, 4)  # the encoder's MoE layer, then the decoder's
+    np.testing.assert_allclose(scores[0], analysis.expert_load(stacks["encoder_blocks"])[0])
+    np.testing.assert_allclose(scores[1], analysis.expert_load(stacks["decoder_blocks"])[0])
+
+    out = tmp_path / "pruned"
+    result = prune.prune_run(source, 2, out, method="merge", num_batches=1, devices=jax.devices()[:1])
+    assert np.isfinite(result["eval_ce_after"]) and len(result["kept"]) == 2
+    pruned, pruned_state, step = checkpoint.restore_run(out, devices=jax.devices()[:1])
+    assert step == 2 and pruned.config.model.moe.num_experts == 2
+    flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(pruned_state)}
+    for stack in ("encoder_blocks", "decoder_blocks"):
+        experts = [v.shape for p, v in flat.items() if stack in p and "ffn" in p and p[-1] == "wo" and v.ndim == 4]
+        assert experts and all(shape[1] == 2 for shape in experts), (stack, experts)  # model and Adam moments
+    result = run_cli("moe_jax.main", [f"--config=moe_jax/convert/run_config.py:{out}", f"--workdir={out}",
+                                      "--config.train.steps=3"], ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert checkpoint.Checkpointer(out / "checkpoints").all_steps()[-1] == 3

@@ -10,6 +10,12 @@ then, for every (seed, method, experts kept), does what `python -m moe_jax.prune
 without writing run directories (`run_all`), skips seeds already done (`runs/ablations/prune/s<seed>.json`),
 scores experts on 8 held-out batches after the run's own 4 eval batches and measures eval CE on the latter,
 and writes experiments/results/prune.{md,csv,png} (the runner alone writes only the teachers' table).
+
+    python experiments/ablations/prune.py --corpus=c4 --workdir=runs/ablations
+
+does the same to the real-text study's byte-level Switch-8 runs (experiments/ablations/c4_study.py, `switch-8
+seed <n>`: 300 steps on the C4 sample, 16 held-out eval batches; train them with that sweep first) and writes
+experiments/results/prune_c4.{md,csv,png}.
 """
 
 import argparse
@@ -44,13 +50,24 @@ def analysis(results, scale):
             "table, plot and analysis.")
 
 
-def teacher_dir(workdir: pathlib.Path, seed: int) -> pathlib.Path:
-    """This sweep's run, or distill.py's identical one that the runner reused instead of training it again."""
+def teacher_dir(workdir: pathlib.Path, seed: int, corpus: str = "synthetic") -> pathlib.Path:
+    """This sweep's run, or distill.py's identical one that the runner reused instead of training it again;
+    on C4, the real-text study's run."""
+    if corpus == "c4":
+        return workdir / "c4_study" / f"switch-8_seed_{seed}"
     own = workdir / "prune" / f"switch_100_s{seed}"
     return own if (own / "checkpoints").exists() else workdir / "distill" / f"switch_100_s{seed}"
 
 
-def run_all(workdir: pathlib.Path, seeds=SEEDS) -> list[dict]:
+CORPORA = {  # corpus -> (results file stem, what was pruned)
+    "synthetic": ("prune", "tiny_switch (8 top-1 experts in every other layer, 2 MoE layers), 100 steps on the "
+                           "synthetic corpus"),
+    "c4": ("prune_c4", "the real-text study's Switch-8 (tiny_switch's model, byte tokenizer), 300 steps on the C4 "
+                       "sample (experiments/ablations/c4_study.py, `switch-8 seed <n>`)"),
+}
+
+
+def run_all(workdir: pathlib.Path, seeds=SEEDS, corpus: str = "synthetic") -> list[dict]:
     """Every (seed, method, kept) row; a seed's rows are saved in runs/.../prune/s<seed>.json and reused.
 
     The same steps as `prune.prune_run` without writing run directories: one restore, one scoring pass per
@@ -61,11 +78,11 @@ def run_all(workdir: pathlib.Path, seeds=SEEDS) -> list[dict]:
 
     rows = []
     for seed in seeds:
-        saved = workdir / "prune" / f"s{seed}.json"
+        saved = workdir / CORPORA[corpus][0] / f"s{seed}.json"
         if saved.exists():
             rows += json.loads(saved.read_text())
             continue
-        run, state, _ = checkpoint.restore_run(teacher_dir(workdir, seed))
+        run, state, _ = checkpoint.restore_run(teacher_dir(workdir, seed, corpus))
         model, _ = nnx.merge(run.graphdef, state)
         batches = data.make_eval_batches(run.config.data, run.config.train.eval_steps + 8)
         eval_batches, scoring = batches[:run.config.train.eval_steps], batches[run.config.train.eval_steps:]
@@ -100,7 +117,7 @@ def summarize(rows):
     return table
 
 
-def write(rows, results_dir: pathlib.Path, command: str) -> None:
+def write(rows, results_dir: pathlib.Path, command: str, corpus: str = "synthetic") -> None:
     import subprocess
 
     import matplotlib
@@ -108,9 +125,11 @@ def write(rows, results_dir: pathlib.Path, command: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    stem, pruned = CORPORA[corpus]
     table = summarize(rows)
+    eval_batches = 16 if corpus == "c4" else 4
     before = statistics.fmean({r["seed"]: r["eval_ce_before"] for r in rows}.values())
-    with open(results_dir / "prune.csv", "w", newline="") as f:
+    with open(results_dir / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -121,23 +140,25 @@ def write(rows, results_dir: pathlib.Path, command: str) -> None:
         ax.plot(xs, ys, marker="o", label=method)
     ax.set_xlabel("share of experts removed (of 8, every MoE layer)")
     ax.set_ylabel("eval cross-entropy (nats/token), mean of 3 seeds")
-    ax.set_title("Pruning tiny_switch (100 steps) without retraining")
+    ax.set_title("Pruning tiny_switch (100 steps) without retraining" if corpus == "synthetic" else
+                 "Pruning Switch-8 on the C4 sample (300 steps, bytes) without retraining")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(results_dir / "prune.png", dpi=120)
+    fig.savefig(results_dir / f"{stem}.png", dpi=120)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     lines = [
-        "# Expert pruning and merging: eval CE against the share of experts removed (tiny_switch, 3 seeds)", "",
-        f"- command: `{command}` (it first runs the sweep of this file's three `switch 100 s<seed>` runs, which "
-        f"reuses experiments/ablations/distill.py's identical teachers)",
+        f"# Expert pruning and merging: eval CE against the share of experts removed ({corpus}, 3 seeds)", "",
+        f"- command: `{command}`" + (" (it first runs the sweep of this file's three `switch 100 s<seed>` runs, "
+                                     "which reuses experiments/ablations/distill.py's identical teachers)"
+                                     if corpus == "synthetic" else ""),
         f"- machine: {platform.machine()} {platform.system()} {platform.release()}, 2 CPU cores shared with other jobs",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- git commit: {commit} (moe_jax/prune.py as committed there)", "",
-        "Each run: tiny_switch (8 top-1 experts in every other layer, 2 MoE layers), 100 steps, seeds 0, 1, 2. Experts "
-        "are scored on 8 held-out batches that follow the run's 4 eval batches; eval CE is measured on those 4 "
-        f"(mean before pruning {before:.4f}). No training after pruning.", "",
+        f"Each run: {pruned}, seeds 0, 1, 2. Experts are scored on 8 held-out batches that follow the run's "
+        f"{eval_batches} eval batches; eval CE is measured on those {eval_batches} (mean before pruning "
+        f"{before:.4f}). No training after pruning.", "",
         "| method | experts kept | removed | eval CE after (mean) | increase (mean ± std over seeds) |",
         "|---|---|---|---|---|",
     ]
@@ -146,11 +167,11 @@ def write(rows, results_dir: pathlib.Path, command: str) -> None:
             after, delta, std, n = table[(method, keep)]
             lines.append(f"| {method} | {keep} | {100 * (1 - keep / NUM_EXPERTS):.1f}% | {after:.4f} | "
                          f"+{delta:.4f} ± {std:.4f} ({n}) |")
-    lines += ["", "![eval CE against experts removed](prune.png)", "", "## The claim", "",
+    lines += ["", f"![eval CE against experts removed]({stem}.png)", "", "## The claim", "",
               "The issue asks whether up to 30% of the experts can be removed without measurable loss. The Switch "
               "Transformer paper does not prune experts; the claim comes from later expert-pruning work and is "
               "tested here only at laptop scale, without retraining.", "", "## Analysis", "", pruning_analysis(table)]
-    (results_dir / "prune.md").write_text("\n".join(lines) + "\n")
+    (results_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def pruning_analysis(table) -> str:
@@ -184,13 +205,24 @@ if __name__ == "__main__":
     parser.add_argument("--workdir", default="runs/ablations")
     parser.add_argument("--results_dir", default=str(REPO / "experiments" / "results"))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--corpus", default="synthetic", choices=sorted(CORPORA))
     args = parser.parse_args()
     import tempfile
 
     from moe_jax import sweep
 
-    teachers = tempfile.mkdtemp()  # the runner's own table of the teachers is not the result
-    sweep.main(["--sweep", str(pathlib.Path(__file__).resolve()), "--workdir", str(pathlib.Path(args.workdir).resolve()),
-                "--results_dir", teachers])
-    rows = run_all(pathlib.Path(args.workdir).resolve(), [int(s) for s in args.seeds.split(",")])
-    write(rows, pathlib.Path(args.results_dir), "python experiments/ablations/prune.py " + " ".join(sys.argv[1:]))
+    workdir = pathlib.Path(args.workdir).resolve()
+    if args.corpus == "synthetic":
+        teachers = tempfile.mkdtemp()  # the runner's own table of the teachers is not the result
+        sweep.main(["--sweep", str(pathlib.Path(__file__).resolve()), "--workdir", str(workdir),
+                    "--results_dir", teachers])
+    else:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        missing = [str(teacher_dir(workdir, s, "c4")) for s in seeds
+                   if not (teacher_dir(workdir, s, "c4") / "checkpoints").exists()]
+        if missing:
+            parser.error(f"no trained run in {', '.join(missing)}: run python -m moe_jax.sweep "
+                         f"--sweep=experiments/ablations/c4_study.py --workdir={args.workdir} first")
+    rows = run_all(workdir, [int(s) for s in args.seeds.split(",")], args.corpus)
+    write(rows, pathlib.Path(args.results_dir), "python experiments/ablations/prune.py " + " ".join(sys.argv[1:]),
+          args.corpus)

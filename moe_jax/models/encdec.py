@@ -146,7 +146,7 @@ class EncDecLayer(nnx.Module):
         return x if self.dropout is None else self.dropout(x, deterministic=deterministic)
 
     def __call__(self, x_BLd, *, mask_B1LT, bias_BHLT, padding_mask_BL, token_ids_BL, deterministic,
-                 encoded_BTd=None, cross_mask_B1LT=None):
+                 encoded_BTd=None, cross_mask_B1LT=None, return_routing=False):
         h = self.self_attention(self.self_norm(x_BLd), positions_BL=None, mask_B1LT=mask_B1LT, bias_BHLT=bias_BHLT)
         x_BLd = x_BLd + self._drop(h, deterministic)
         if self.has_cross:
@@ -156,7 +156,8 @@ class EncDecLayer(nnx.Module):
         h = self.ffn_norm(x_BLd)
         aux = {}
         if self.is_moe:
-            h, aux = self.ffn(h, padding_mask=padding_mask_BL, token_ids=token_ids_BL, deterministic=deterministic)
+            h, aux = self.ffn(h, padding_mask=padding_mask_BL, token_ids=token_ids_BL, deterministic=deterministic,
+                              return_routing=return_routing)
         else:
             h = self.ffn(h)
         return x_BLd + self._drop(h.astype(x_BLd.dtype), deterministic), aux
@@ -231,23 +232,28 @@ class EncoderDecoder(nnx.Module):
 
         return scan_blocks(x_BLd, blocks)
 
-    def encode(self, tokens_BL, *, segment_ids=None, positions=None, deterministic=False):
-        """-> (encoded [B, L, d], aux of the encoder's MoE layers)."""
+    def encode(self, tokens_BL, *, segment_ids=None, positions=None, deterministic=False, return_routing=False):
+        """-> (encoded [B, L, d], aux of the encoder's MoE layers; with `return_routing` also their
+        `expert_index` / `routing_weight` [layers, B, L, K])."""
         B, L = tokens_BL.shape
         segment_ids = jnp.ones((B, L), jnp.int32) if segment_ids is None else segment_ids
         positions = jnp.broadcast_to(jnp.arange(L), (B, L)) if positions is None else positions
         kwargs = dict(mask_B1LT=layers.attention_mask(segment_ids, segment_ids, causal=False),
                       bias_BHLT=self.encoder_bias(positions, positions), padding_mask_BL=segment_ids > 0,
-                      token_ids_BL=tokens_BL, deterministic=deterministic)
+                      token_ids_BL=tokens_BL, deterministic=deterministic, return_routing=return_routing)
         x_BLd = jnp.take(self.embedding[...], tokens_BL, axis=0).astype(self.dtype)
         x_BLd, aux = self._run(self.encoder_blocks, x_BLd, kwargs)
         return self.encoder_norm(x_BLd), aux
 
     def __call__(self, encoder_tokens_BL, decoder_tokens_BL, *, encoder_segment_ids=None, decoder_segment_ids=None,
-                 encoder_positions=None, decoder_positions=None, deterministic: bool = False):
-        """-> (logits [B, L_dec, V] float32, aux {"encoder": {...}, "decoder": {...}})."""
+                 encoder_positions=None, decoder_positions=None, deterministic: bool = False,
+                 return_routing: bool = False):
+        """-> (logits [B, L_dec, V] float32, aux {"encoder": {...}, "decoder": {...}}), each stack's MoE metrics
+        stacked on a leading MoE-layer axis (with `return_routing`, also `expert_index` / `routing_weight`
+        [layers, B, L, K])."""
         encoded_BTd, encoder_aux = self.encode(encoder_tokens_BL, segment_ids=encoder_segment_ids,
-                                               positions=encoder_positions, deterministic=deterministic)
+                                               positions=encoder_positions, deterministic=deterministic,
+                                               return_routing=return_routing)
         B, L = decoder_tokens_BL.shape
         T = encoder_tokens_BL.shape[1]
         dec_segments = jnp.ones((B, L), jnp.int32) if decoder_segment_ids is None else decoder_segment_ids
@@ -255,7 +261,7 @@ class EncoderDecoder(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(L), (B, L)) if decoder_positions is None else decoder_positions
         kwargs = dict(mask_B1LT=layers.attention_mask(dec_segments), bias_BHLT=self.decoder_bias(positions, positions),
                       padding_mask_BL=dec_segments > 0, token_ids_BL=decoder_tokens_BL, deterministic=deterministic,
-                      encoded_BTd=encoded_BTd,
+                      encoded_BTd=encoded_BTd, return_routing=return_routing,
                       cross_mask_B1LT=layers.attention_mask(dec_segments, enc_segments, causal=False))
         x_BLd = jnp.take(self.embedding[...], decoder_tokens_BL, axis=0).astype(self.dtype)
         x_BLd, decoder_aux = self._run(self.decoder_blocks, x_BLd, kwargs)
