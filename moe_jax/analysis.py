@@ -6,6 +6,7 @@
     analysis.dead_experts(routed)                                # per layer: experts under 10% of a fair share
     analysis.dropped_fraction(routed, capacity_factor=1.25)      # [layers], recomputed at any capacity
     analysis.token_preferences(routed, top=8)                    # per layer and expert: tokens by lift
+    analysis.token_determinism(routed)                           # is the choice a function of the token id?
     analysis.domain_expert_counts(routed, num_domains)           # synthetic corpus: [layers, D, E] + I(D; E)
     analysis.router_drift(model_a, model_b, batches)             # [layers] share of tokens whose top-1 moved
 
@@ -177,6 +178,28 @@ def token_preferences(routed: Routed, *, top: int = 8, min_count: int = 5) -> li
             layer_prefs.append([(int(t), int(counts[t, e]), float(lift[t, e])) for t in order if lift[t, e] > 0])
         out.append(layer_prefs)
     return out
+
+
+def token_determinism(routed: Routed) -> tuple[np.ndarray, np.ndarray]:
+    """How far routing is a function of the token id alone, per layer: ([layers] share of tokens whose top-1
+    is their id's most common expert, [layers] I(token id; expert) / H(expert)). Both are 1 when each id
+    always goes to one expert (then an expert's load is the frequency of its ids, however it is balanced),
+    and near 1/E and 0 when the choice ignores the id."""
+    E, tokens = routed.num_experts, routed.token_ids
+    vocab = int(tokens.max()) + 1
+    majority, information = np.zeros(routed.num_layers), np.zeros(routed.num_layers)
+    for layer in range(routed.num_layers):
+        counts = np.zeros((vocab, E))
+        np.add.at(counts, (tokens, routed.top1[layer]), 1)
+        total = counts.sum()
+        majority[layer] = counts.max(axis=1).sum() / total
+        joint = counts / total
+        p_token, p_expert = joint.sum(axis=1, keepdims=True), joint.sum(axis=0, keepdims=True)
+        nonzero = joint > 0
+        mutual = float(np.sum(joint[nonzero] * np.log(joint[nonzero] / (p_token @ p_expert)[nonzero])))
+        entropy = float(-np.sum(p_expert[p_expert > 0] * np.log(p_expert[p_expert > 0])))
+        information[layer] = mutual / entropy if entropy > 0 else 0.0
+    return majority, information
 
 
 def domain_expert_counts(routed: Routed, num_domains: int) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,7 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["workdir", "output"])
 
 
-def _token_text(tokenizer, token: int) -> str:
+def token_text(tokenizer, token: int) -> str:
     if tokenizer is None:
         return str(token)
     text = tokenizer.decode([token])
@@ -59,17 +59,20 @@ def summarize(model, config, batches, *, other_model=None, steps=(None, None)) -
              f"{routed.num_experts} experts, top-{routed.expert_index.shape[-1]}, routing groups of "
              f"{routed.group_size} tokens.", "",
              "| MoE layer | load CV | dead experts (<10% of fair share) | dropped at train CF "
-             f"{moe.capacity_factor} | dropped at eval CF {moe.eval_capacity_factor} | router entropy (nats) |",
-             "|---|---|---|---|---|---|"]
+             f"{moe.capacity_factor} | dropped at eval CF {moe.eval_capacity_factor} | router entropy (nats) | "
+             "tokens at their id's usual expert | I(id; expert) / H(expert) |",
+             "|---|---|---|---|---|---|---|---|"]
+    majority, information = analysis.token_determinism(routed)
     for layer in range(routed.num_layers):
         cv = load[layer].std() / load[layer].mean()
         lines.append(f"| {layer} | {cv:.3f} | {dead[layer] or 'none'} | {100 * dropped_train[layer]:.1f}% | "
-                     f"{100 * dropped_eval[layer]:.1f}% | {routed.router_entropy[layer]:.3f} |")
+                     f"{100 * dropped_eval[layer]:.1f}% | {routed.router_entropy[layer]:.3f} | "
+                     f"{100 * majority[layer]:.1f}% | {information[layer]:.2f} |")
     lines += ["", "## Tokens each expert prefers (by lift over the token's frequency; last MoE layer)", "",
               "| expert | share of tokens | top tokens (count, lift) |", "|---|---|---|"]
     prefs = analysis.token_preferences(routed, top=6)[-1]
     for e, tokens in enumerate(prefs):
-        shown = ", ".join(f"`{_token_text(tokenizer, t)}` ({n}, {lift:.1f}x)" for t, n, lift in tokens) or "–"
+        shown = ", ".join(f"`{token_text(tokenizer, t)}` ({n}, {lift:.1f}x)" for t, n, lift in tokens) or "–"
         lines.append(f"| {e} | {100 * load[-1][e]:.1f}% | {shown} |")
     figures = {"load": load}
     if routed.domains is not None:

@@ -51,6 +51,18 @@ def tiny_model(seed=0):
     return models.get(cfg).create(cfg.model, nnx.Rngs(params=seed, dropout=1))
 
 
+def test_token_determinism_is_one_for_routing_by_id_and_low_for_routing_that_ignores_it():
+    tokens = np.tile(np.arange(8), 50)
+    by_id = routed([tokens % 4], tokens=tokens)  # expert = id mod 4
+    majority, information = analysis.token_determinism(by_id)
+    np.testing.assert_allclose(majority, [1.0])
+    np.testing.assert_allclose(information, [1.0], rtol=1e-9)
+    many = np.tile(np.arange(8), 500)
+    ignoring = routed([np.random.default_rng(0).integers(0, 4, many.size)], tokens=many)  # experts at random
+    majority, information = analysis.token_determinism(ignoring)
+    assert majority[0] < 0.3 and information[0] < 0.01
+
+
 def test_collect_and_router_drift_on_a_model():
     model = tiny_model()
     rng = np.random.default_rng(0)
