@@ -8,6 +8,8 @@ configs are not retrained). Seeds are `train.seed` (initialisation); the data or
 Dimensions, in the order they run:
   tokenizer   SentencePiece unigram vocabularies of 8k / 4k / 16k pieces trained on the training split only
               (written to runs/tokenizers/ the first time the sweep is loaded; about 20 s each)
+  tokens      d_model 64 / d_ff 256 (a quarter of the parameters per layer) for 900 and 1800 steps: more
+              training tokens per parameter, where extra (expert) parameters should start to pay
   placement   MoE in every layer instead of every other one
   fine-grain  16 experts of half the width with top-2 routing (the same active FLOPs)
   capacity    dropless (every token reaches its expert), capacity factor 2.0, routing groups of 512 tokens
@@ -35,6 +37,7 @@ SEEDS = (0, 1, 2)
 STEPS = 300
 COLUMNS = ("eval_ce", "examples_per_sec", "dropped_fraction", "load_cv")
 VOCABULARIES = (8000, 4000, 16000)
+NARROW = {"model.d_model": 64, "model.d_ff": 256}  # tiny_* at half the width (4 heads of 16)
 PAPER = """
 Fedus et al. 2022 (§2-3, Table 1, Figure 4) train T5-sized models on all of C4 with a 32k SentencePiece vocabulary
 and find Switch ahead of dense at equal FLOPs per token throughout; capacity factor 1.0-1.25 with top-1 routing,
@@ -64,15 +67,15 @@ def _tokenizer(vocab_size):
     return {"data.tokenizer": path, "model.vocab_size": pieces}
 
 
-def _pair(scale, out, label, seeds=SEEDS, experts=8, dense=True, **overrides):
+def _pair(scale, out, label, seeds=SEEDS, experts=8, dense=True, steps=STEPS, **overrides):
     """dense and switch variants named `label`; `dense=False` for Switch-only changes."""
     suffix = f" {label}" if label else ""
     for seed in seeds:
         seeded = {**REAL_TEXT, **overrides, "train.seed": seed}
         if dense:
-            out[f"dense{suffix} seed {seed}"] = sweep.base(scale, dense=True, laptop_steps=STEPS, evals=5).override(
+            out[f"dense{suffix} seed {seed}"] = sweep.base(scale, dense=True, laptop_steps=steps, evals=5).override(
                 {k: v for k, v in seeded.items() if not k.startswith("model.moe.")})
-        out[f"switch-{experts}{suffix} seed {seed}"] = sweep.base(scale, experts=experts, laptop_steps=STEPS,
+        out[f"switch-{experts}{suffix} seed {seed}"] = sweep.base(scale, experts=experts, laptop_steps=steps,
                                                                   evals=5).override(seeded)
 
 
@@ -80,9 +83,12 @@ def variants(scale):
     out = {}
     _pair(scale, out, "")  # the byte-level baseline pair (c4_byte.py's 300-step runs)
     _pair(scale, out, "sp8k", **_tokenizer(8000))
+    # more training tokens per parameter: half the width, 3x and 6x the steps
+    _pair(scale, out, "d 64 900 steps", steps=900, **NARROW)
     _pair(scale, out, "every layer", dense=False, **{"model.moe.every": 1})
     _pair(scale, out, "top-2 d_ff 256", experts=16, dense=False,
           **{"model.moe.k": 2, "model.moe.d_ff": 256})  # fine-grained experts, the same active FLOPs
+    _pair(scale, out, "d 64 1800 steps", steps=1800, **NARROW)
     _pair(scale, out, "dropless", dense=False, **{"model.moe.dispatcher": "dropless"})
     _pair(scale, out, "", experts=16, dense=False)
     _pair(scale, out, "lr 9e-3", **{"train.learning_rate": 9e-3})
