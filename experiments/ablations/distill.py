@@ -47,7 +47,7 @@ def variants(scale):
     return out
 
 
-def analysis(results, scale):
+def analysis(results, scale, steps: int = STEPS):
     groups = {prefix: seed_stats([s.final_ce for n, s in results.items() if n.rsplit(" ", 2)[0] == prefix])
               for prefix in ("dense", "switch", "distilled", "distilled+init")}
     dense, switch = groups["dense"][0], groups["switch"][0]
@@ -62,18 +62,21 @@ def analysis(results, scale):
         text.append(f"The distilled student keeps {100 * (dense - mean) / gain:.0f}% of it (paper: about 30%), "
                     f"with the caveat that the gain itself is {gain / max(groups['switch'][1], 1e-9):.1f} teacher "
                     f"seed standard deviations.")
+    elif math.isfinite(mean):
+        text.append(f"The teacher is not ahead of the dense baseline, so there is no gain to keep: the distilled "
+                    f"student ends {mean - dense:+.4f} nats from the baseline ({groups['dense'][1]:.4f} seed std).")
     init = groups["distilled+init"][0]
     if math.isfinite(init):
-        text.append(f"The students initialised from the teacher ({init:.4f}) are not comparable with the 100-step "
-                    f"baseline: their non-expert weights arrive trained for the teacher's 100 steps, so they have "
-                    f"had 200 steps of training, which at this early point of training is worth far more than the "
-                    f"teacher's gain. A fair baseline for them is a dense model trained 200 steps, "
+        text.append(f"The students initialised from the teacher ({init:.4f}) are not comparable with the {steps}-step "
+                    f"baseline: their non-expert weights arrive trained for the teacher's {steps} steps, so they have "
+                    f"had {2 * steps} steps of training, which at this early point of training is worth far more than the "
+                    f"teacher's gain. A fair baseline for them is a dense model trained {2 * steps} steps, "
                     f"not run here.")
     # Per seed, each student against its own teacher and the same seed's dense baseline.
     for name in ("distilled",):
         kept = []
         for seed in SEEDS:
-            d, t, s = (results.get(f"{p} {STEPS} s{seed}") for p in ("dense", "switch", name))
+            d, t, s = (results.get(f"{p} {steps} s{seed}") for p in ("dense", "switch", name))
             if d and t and s and all(math.isfinite(x.final_ce) for x in (d, t, s)) and d.final_ce > t.final_ce:
                 kept.append(100 * (d.final_ce - s.final_ce) / (d.final_ce - t.final_ce))
         if kept:
