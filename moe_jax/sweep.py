@@ -1,13 +1,15 @@
 """Run an ablation sweep (one training run per variant) and write its table, CSV and plots.
 
     python -m moe_jax.sweep --sweep=experiments/ablations/num_experts.py --workdir=runs/ablations \
-        [--scale=laptop|paper] [--variants=dense,8e] [--print_commands] [--results_dir=experiments/results]
+        [--scale=laptop|paper] [--variants=dense,8e] [--print_commands] [--results_only]
+        [--results_dir=experiments/results]
 
 Variants run one after another, each as `python -m moe_jax.main --config=<file> --workdir=<run>
 --config.<key>=<value> ...` in a subprocess (a crash or a divergence stops that variant only). A variant
 whose run already finished (its last evaluation is in `metrics.jsonl`) is not run again; a variant whose
 config is identical to a finished run of another sweep under the same `--workdir` reuses that run.
-`--print_commands` prints the commands instead of running them (one per line, for a cluster).
+`--print_commands` prints the commands instead of running them (one per line, for a cluster). `--results_only`
+writes the results of the runs that exist without training anything (a sweep still running elsewhere).
 
 Results (written by sweep_results.py): `<results_dir>/<sweep>.md` (table with the paper's numbers beside ours,
 the analysis paragraph, the command, machine, date and git commit), `<sweep>.csv` and `<sweep>.png` (eval
@@ -304,6 +306,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--variants", default="", help="comma-separated subset of the variants (default all)")
     parser.add_argument("--print_commands", action="store_true", help="print one command per variant, run nothing")
     parser.add_argument("--results_dir", default=str(REPO / "experiments" / "results"))
+    parser.add_argument("--results_only", action="store_true",
+                        help="train nothing: write the results of the runs that exist (unfinished ones as such), "
+                             "e.g. while the sweep still runs elsewhere")
     parser.add_argument("--no_reuse", action="store_true",
                         help="train every variant here even if another sweep ran the same config (for speed "
                              "comparisons made under the same machine load)")
@@ -324,7 +329,14 @@ def main(argv: Optional[list] = None) -> int:
     workdir = workdir.resolve()
     summaries = {}
     for name, variant in chosen.items():
-        run_dir = run_variant(name, variant, workdir / sweep.name / slug(name), workdir, reuse=not args.no_reuse)
+        run_dir = workdir / sweep.name / slug(name)
+        if args.results_only:
+            cfg = load_config(variant)
+            shared = None if args.no_reuse else find_shared_run(workdir, config_key(cfg), int(cfg.train.steps),
+                                                                run_dir)
+            run_dir = run_dir if shared is None or run_state(run_dir, int(cfg.train.steps)) != "todo" else shared
+        else:
+            run_dir = run_variant(name, variant, run_dir, workdir, reuse=not args.no_reuse)
         summaries[name] = summarize(name, run_dir, variant, load_config(variant))
     paths = write_results(sweep, summaries, args.scale, pathlib.Path(args.results_dir), command)
     print("[sweep] wrote " + ", ".join(str(p) for p in paths), flush=True)

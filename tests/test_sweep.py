@@ -88,6 +88,17 @@ def test_sweep_runs_writes_results_and_skips_finished(tmp_path, one_device, caps
     assert "reused" in capsys.readouterr().out
     assert not (workdir / "other" / "index" / "metrics.jsonl").exists()
 
+    # --results_only trains nothing: the finished run (here the toy sweep's identical one) is reported, the
+    # variant that never ran is listed as todo.
+    partial = write_sweep(tmp_path, SWEEP_FILE.replace('"einsum": b.override({"model.moe.dispatcher": "einsum"}',
+                                                       '"fresh": b.override({"train.seed": 7}'), "partial")
+    assert sweep.main([f"--sweep={partial}", f"--workdir={workdir}", f"--results_dir={results}",
+                       "--results_only"]) == 0
+    assert "python -m moe_jax.main" not in capsys.readouterr().out
+    md = (results / "partial.md").read_text()
+    assert "| index | finished" in md and "| fresh | todo" in md
+    assert not (workdir / "partial").exists()
+
 
 def test_print_commands_are_runnable_main_commands(tmp_path, capsys):
     path = write_sweep(tmp_path)
