@@ -307,7 +307,7 @@ def comparison_table(comparisons: list[PointComparison], baseline: str) -> list[
     for c in comparisons:
         rows.append(f"| {c.point} | {num(c.mean)} ± {num(c.std)} ({c.seeds}) | {num(c.delta, '+.4f')} | "
                     f"{num(c.in_seed_stds, '+.1f')} | {num(c.in_standard_errors, '+.1f')} | "
-                    f"{'yes' if c.beyond_noise else 'no' if c.point != baseline else ''} |")
+                    f"{'yes' if c.beyond_noise else 'no' if math.isfinite(c.in_seed_stds) else ''} |")
     return rows
 
 

@@ -56,7 +56,10 @@ def _steps_to_reach(curve, target: float) -> float:
 
 def speedups(results) -> dict:
     """{point: dense's steps to its final mean loss / the point's steps to the same loss} on mean curves."""
-    mean_curves = {c.label.split(" (mean")[0]: c for c in curves(list(results.values()))}
+    mean_curves = {}
+    for c in curves([s for s in results.values() if s.status == "finished"]):
+        label = c.label.split(" (")[0]  # "<point> (mean ± std, n seeds)", or one run "<point> seed <n>"
+        mean_curves[label.rpartition(" seed ")[0] or label] = c
     dense = mean_curves.get("dense")
     if dense is None or not dense.ce:
         return {}
@@ -79,7 +82,8 @@ def analysis(results, scale):
     best = min(moe, key=lambda c: c.mean)
     ordered = [c.mean for c in moe]
     monotone = all(b <= a for a, b in zip(ordered, ordered[1:]))
-    dropped = {p: [s.dropped_fraction for s in runs] for p, runs in seed_groups(results).items()}
+    dropped = {p: [s.dropped_fraction for s in runs if s.status == "finished"]
+               for p, runs in seed_groups(results).items()}
     text = [
         f"{sum(c.delta < 0 for c in moe)} of {len(moe)} MoE points end below dense on the seeds' mean "
         f"({sweep.num(comparisons[0].mean)} ± {sweep.num(comparisons[0].std)} nats/token); the best is {best.point} "
@@ -88,7 +92,8 @@ def analysis(results, scale):
         ("The mean loss falls monotonically with the number of experts, as in the paper's Figure 4." if monotone else
          "Unlike the paper's Figure 4, the mean loss does not fall monotonically with the number of experts here."),
         "Tokens dropped in training at capacity factor 1.25 (mean over seeds): " + ", ".join(
-            f"{p} {100 * sum(v) / len(v):.1f}%" for p, v in dropped.items() if p != "dense" and v) + ".",
+            f"{p} {100 * sum(v) / len(v):.1f}%" for p, v in dropped.items()
+            if p != "dense" and v and all(math.isfinite(x) for x in v)) + ".",
     ]
     finite_ups = {p: u for p, u in ups.items() if math.isfinite(u)}
     if finite_ups:
