@@ -51,7 +51,7 @@ def _stages_for(name, shape, route, experts):
         return dispatch.einsum_stages(shape, route, experts)
     if name == "index":
         return dispatch.index_stages(shape, route, experts)
-    return dispatch.dropless_stages(shape, route, experts, dispatch.default_grouped_matmul(), 64)
+    return dispatch.dropless_stages(shape, route, experts, dispatch.default_grouped_matmul(), None)  # as the layer
 
 
 def _with_cotangent(fn, num_args, out_shape, seed):
