@@ -50,8 +50,9 @@ class Routed:
         return self.expert_index[..., 0]
 
 
-# The MoE stacks of each model family: stack attribute -> (its batch keys' prefix, its key in the model's aux)
-_STACKS = {"decoder": {"blocks": ("", None)},
+# The MoE stacks of each model family in the order they run: stack attribute -> (its batch keys' prefix, its
+# key in the model's aux)
+STACKS = {"decoder": {"blocks": ("", None)},
            "encdec": {"encoder_blocks": ("encoder_", "encoder"), "decoder_blocks": ("decoder_", "decoder")}}
 
 
@@ -78,9 +79,9 @@ def collect_stacks(model, batches: Iterable[dict]) -> dict[str, Routed]:
     if not cfg.moe.num_experts:
         raise ValueError("analysis needs an MoE model (model.moe.num_experts > 0); this one is dense")
     family = models.name_of(cfg)
-    if family not in _STACKS:
-        raise ValueError(f"analysis: model.name={family!r} has no known MoE stacks ({sorted(_STACKS)})")
-    stacks = _STACKS[family]
+    if family not in STACKS:
+        raise ValueError(f"analysis: model.name={family!r} has no known MoE stacks ({sorted(STACKS)})")
+    stacks = STACKS[family]
     graphdef, state = nnx.split(model)
     forward = jax.jit(functools.partial(_forward if family == "decoder" else _encdec_forward, graphdef))
     parts = {stack: dict(index=[], weight=[], tokens=[], domains=[], groups=[], entropy=[]) for stack in stacks}

@@ -17,8 +17,9 @@ The N experts kept keep their order; the router's columns (and `noise_kernel` / 
 with them, so the router is renumbered 0..N-1 and a token goes to the best of the kept experts. Optimizer
 moments are pruned (or merged) the same way, so the output is a run at the same step with `model.moe.num_experts
 = N` that `moe_jax.evaluate`, `moe_jax.sample` and `moe_jax.main` (with a larger `train.steps`) use as they use
-any run; the data iterator continues where the source run stopped. The hash router (a fixed token -> expert table) cannot be pruned. Decoder and encoder-decoder
-(both stacks' MoE layers; scored on span-corruption batches) alike.
+any run; the data iterator continues where the source run stopped. The hash router (a fixed token -> expert
+table) cannot be pruned. Decoder and encoder-decoder (both stacks' MoE layers; scored on span-corruption
+batches) alike.
 """
 
 from __future__ import annotations
@@ -81,11 +82,11 @@ def merge_plan(expert_weights_LEx: np.ndarray, kept_LN: np.ndarray, load_LE: np.
 def _moe_layers(model) -> dict[tuple, object]:
     """Path -> MoeLayer (a scanned stack of MoE layers is one entry with stacked variables), in the order the
     model runs them: the encoder's stack before the decoder's."""
-    from moe_jax import moe
+    from moe_jax import analysis, models, moe
 
     found = {tuple(path): module for path, module in nnx.iter_graph(model) if isinstance(module, moe.MoeLayer)}
-    order = ("encoder_blocks", "blocks", "decoder_blocks")
-    return dict(sorted(found.items(), key=lambda item: order.index(item[0][0]) if item[0][0] in order else 99))
+    order = list(analysis.STACKS.get(models.name_of(model.config), {}))
+    return dict(sorted(found.items(), key=lambda item: order.index(item[0][0]) if item[0][0] in order else len(order)))
 
 
 def _layer_rows(model) -> dict[tuple, slice]:

@@ -135,7 +135,9 @@ def require(cfg, key: str, allowed: tuple, why: str) -> None:
 
 def require_no_dense_prefix(cfg, why: str) -> None:
     """`require` for `moe.first_dense_layers`, which configs written before it existed do not have."""
-    prefix = cfg.moe.get("first_dense_layers", 0)
+    from moe_jax.models import decoder
+
+    prefix = decoder.num_dense_prefix(cfg)
     if prefix:
         raise ValueError(f"model.moe.first_dense_layers={prefix!r} cannot be exported: {why} (needs 0)")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from moe_jax.convert import hf_config
 from moe_jax.convert.mapping import MoeNames
-from moe_jax.models import layers
+from moe_jax.models import decoder, layers
 
 NAMES = MoeNames(prefix="mlp", gate="gate_proj", up="up_proj", down="down_proj")
 
@@ -54,8 +54,7 @@ def dense_prefix(source, num_layers: int, step: int, mlp_only_layers: list) -> i
 
 
 def _hf_layout(cfg, values: dict) -> dict:
-    prefix = cfg.moe.get("first_dense_layers", 0)
-    values.update(decoder_sparse_step=cfg.moe.every, mlp_only_layers=list(range(prefix)),
+    values.update(decoder_sparse_step=cfg.moe.every, mlp_only_layers=list(range(decoder.num_dense_prefix(cfg))),
                   moe_intermediate_size=layers.expert_d_ff(cfg),
                   norm_topk_prob=bool(cfg.moe.normalize), use_sliding_window=False)
     return values
