@@ -11,6 +11,14 @@ config is identical to a finished run of another sweep under the same `--workdir
 `--print_commands` prints the commands instead of running them (one per line, for a cluster). `--results_only`
 writes the results of the runs that exist without training anything (a sweep still running elsewhere).
 
+Each finished (or diverged) run also leaves a record, its `metrics.jsonl`, `config.json` and the runner's
+status and config-hash files (tens of kB, no checkpoints), in `<results_dir>/runs/<sweep>/<variant>/`; commit
+those with the results. A variant whose run directory is missing (another machine, a cleaned workdir) but
+whose record holds a finished run of the same config is restored from the record instead of retrained, so a
+long sweep carries on across machines and its results can always be rewritten. `--no_records` turns this off;
+a sweep file whose later variants need earlier runs' checkpoints (a distillation teacher) sets
+`RESTORE_FROM_RECORDS = False` (its records are still written).
+
 Results (written by sweep_results.py): `<results_dir>/<sweep>.md` (table with the paper's numbers beside ours,
 the analysis paragraph, the command, machine, date and git commit), `<sweep>.csv` and `<sweep>.png` (eval
 cross-entropy against steps and against training time, one line per variant). `--scale=paper` writes
@@ -19,7 +27,8 @@ cross-entropy against steps and against training time, one line per variant). `-
 A sweep file (see experiments/ablations/) is a Python file with
   * `variants(scale: str) -> dict[str, Variant]`: variant name -> base config + overrides (use `base()`);
   * `analysis(results: dict[str, Summary], scale: str) -> str`: the paragraph written from the numbers;
-  * optional `COLUMNS` (names from `COLUMN_FORMATS`) and `PAPER` (markdown: the paper's numbers, cited).
+  * optional `COLUMNS` (names from `COLUMN_FORMATS`) and `PAPER` (markdown: the paper's numbers, cited);
+  * optional `RESTORE_FROM_RECORDS = False` when variants read other variants' checkpoints.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import json
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
 import traceback
@@ -57,6 +67,7 @@ PAPER_STEPS = 100_000
 LAPTOP_STEP_FRACTION = 1 / 3
 FULL_LENGTH = 1 / LAPTOP_STEP_FRACTION  # `laptop_fraction` for the tiny configs' own length
 KEY_FILE = "sweep_key.txt"
+RECORD_FILES = ("metrics.jsonl", "config.json", STATUS_FILE, KEY_FILE)
 
 
 class SweepError(ValueError):
@@ -252,6 +263,29 @@ def find_shared_run(workdir: pathlib.Path, key: str, steps: int, exclude: pathli
     return None
 
 
+def save_record(run_dir: pathlib.Path, record_dir: pathlib.Path) -> None:
+    """Copy a finished or diverged run's small files (RECORD_FILES) to `record_dir`."""
+    record_dir.mkdir(parents=True, exist_ok=True)
+    for file in RECORD_FILES:
+        if (run_dir / file).exists():
+            shutil.copyfile(run_dir / file, record_dir / file)
+
+
+def restore_record(run_dir: pathlib.Path, record_dir: pathlib.Path, key: str, steps: int) -> bool:
+    """Fill a not-yet-finished `run_dir` from `record_dir` when the record holds a finished (or diverged) run
+    of the config with hash `key`; True when it did. A record of another config is left alone."""
+    key_file = record_dir / KEY_FILE
+    if run_state(run_dir, steps) != "todo" or not key_file.exists():
+        return False
+    if key_file.read_text().strip() != key or run_state(record_dir, steps) == "todo":
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for file in RECORD_FILES:
+        if (record_dir / file).exists():
+            shutil.copyfile(record_dir / file, run_dir / file)
+    return True
+
+
 def run_variant(name: str, variant: Variant, run_dir: pathlib.Path, workdir: pathlib.Path, *,
                 reuse: bool = True) -> pathlib.Path:
     """Train one variant unless it (or, with `reuse`, an identical config) already ran; returns its run dir."""
@@ -309,6 +343,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--results_only", action="store_true",
                         help="train nothing: write the results of the runs that exist (unfinished ones as such), "
                              "e.g. while the sweep still runs elsewhere")
+    parser.add_argument("--no_records", action="store_true",
+                        help="neither restore runs from nor save them to <results_dir>/runs/<sweep>/")
     parser.add_argument("--no_reuse", action="store_true",
                         help="train every variant here even if another sweep ran the same config (for speed "
                              "comparisons made under the same machine load)")
@@ -327,17 +363,25 @@ def main(argv: Optional[list] = None) -> int:
         return 0
 
     workdir = workdir.resolve()
+    records = pathlib.Path(args.results_dir) / "runs" / (sweep.name + ("" if args.scale == "laptop" else
+                                                                       f"_{args.scale}"))
+    restore = not args.no_records and getattr(sweep.module, "RESTORE_FROM_RECORDS", True)
     summaries = {}
     for name, variant in chosen.items():
         run_dir = workdir / sweep.name / slug(name)
+        cfg = load_config(variant)
+        if restore and restore_record(run_dir, records / slug(name), config_key(cfg),
+                                                  int(cfg.train.steps)):
+            print(f"[sweep] {name}: restored from its record in {records / slug(name)}", flush=True)
         if args.results_only:
-            cfg = load_config(variant)
             shared = None if args.no_reuse else find_shared_run(workdir, config_key(cfg), int(cfg.train.steps),
                                                                 run_dir)
             run_dir = run_dir if shared is None or run_state(run_dir, int(cfg.train.steps)) != "todo" else shared
         else:
             run_dir = run_variant(name, variant, run_dir, workdir, reuse=not args.no_reuse)
-        summaries[name] = summarize(name, run_dir, variant, load_config(variant))
+        if not args.no_records and run_state(run_dir, int(cfg.train.steps)) != "todo":
+            save_record(run_dir, records / slug(name))
+        summaries[name] = summarize(name, run_dir, variant, cfg)
     paths = write_results(sweep, summaries, args.scale, pathlib.Path(args.results_dir), command)
     print("[sweep] wrote " + ", ".join(str(p) for p in paths), flush=True)
     bad = [n for n, s in summaries.items() if s.status == "failed"]

@@ -17,6 +17,7 @@ from moe_jax.sweep_results import seed_stats
 
 SEEDS = (0, 1, 2)
 STEPS = 100
+RESTORE_FROM_RECORDS = False  # the students read the teachers' checkpoints
 RUNS = "runs/ablations"  # the sweep's --workdir, as typed above
 COLUMNS = ("eval_ce", "examples_per_sec")
 PAPER = """

@@ -15,6 +15,7 @@ from experiments.ablations.c4_byte import REAL_TEXT
 from moe_jax import sweep
 
 SEEDS = (0, 1, 2)
+RESTORE_FROM_RECORDS = False  # the students read the teachers' checkpoints
 STEPS = 300
 COLUMNS = distill.COLUMNS
 PAPER = distill.PAPER

@@ -27,6 +27,7 @@ import platform
 import statistics
 import sys
 
+RESTORE_FROM_RECORDS = False  # pruning reads the bases' checkpoints
 REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
