@@ -55,13 +55,16 @@ def _stages_for(name, shape, route, experts):
 
 
 def _with_cotangent(fn, num_args, out_shape, seed):
-    """fwd: fn(*args); fwd + bwd: grad of sum(fn(*args) * c) for a fixed random c of fn's output shape."""
+    """fwd: fn(*args); fwd + bwd: value and grad of sum(fn(*args) * c) for a fixed random c of fn's output
+    shape. The value matters: that loss is linear in the output, so its gradient alone never needs the output
+    and XLA drops the stage's last forward op (for the experts, one of the six matmuls), as inside the layer
+    it cannot."""
     cotangent = jax.random.normal(jax.random.PRNGKey(seed), out_shape)
 
     def loss(*args):
         return jnp.sum(fn(*args).astype(jnp.float32) * cotangent)
 
-    return fn, jax.grad(loss, argnums=tuple(range(num_args)))
+    return fn, jax.value_and_grad(loss, argnums=tuple(range(num_args)))
 
 
 def stage_functions(num_tokens, num_experts, name):
@@ -86,15 +89,18 @@ def stage_functions(num_tokens, num_experts, name):
         r, losses = route(kernel, x_GSd)
         return r.weight[..., 0] + 0.01 * losses["load_balancing_loss"] + 1e-3 * losses["router_z_loss"]
 
-    def send(x_GSd):
-        return _stages_for(name, x_GSd.shape, fixed_route, experts).send(x_GSd)
+    # The routing is an argument, not a constant the stages close over: XLA would otherwise fold the row
+    # bookkeeping derived from it (slot offsets, inverse permutations) into constants at compile time, and
+    # send / combine would look cheaper than they are inside the layer.
+    def send(x_GSd, route):
+        return _stages_for(name, x_GSd.shape, route, experts).send(x_GSd)
 
-    def compute(wi, wo, x_buffer):
+    def compute(wi, wo, x_buffer, route):
         ffn = dataclasses.replace(experts, wi=wi, wo=wo)
-        return _stages_for(name, x_GSd.shape, fixed_route, ffn).compute(x_buffer)
+        return _stages_for(name, x_GSd.shape, route, ffn).compute(x_buffer)
 
-    def combine(y_buffer, weight):
-        r = dataclasses.replace(fixed_route, weight=weight)
+    def combine(y_buffer, weight, route):
+        r = dataclasses.replace(route, weight=weight)
         return _stages_for(name, x_GSd.shape, r, experts).combine(y_buffer, x_GSd.dtype)
 
     out = {}
@@ -103,7 +109,11 @@ def stage_functions(num_tokens, num_experts, name):
             ("send", send, (x_GSd,), buffer.shape),
             ("experts", compute, (experts.wi, experts.wo, buffer), buffer.shape),
             ("combine", combine, (buffer, fixed_route.weight), x_GSd.shape)):
-        fwd, fwd_bwd = _with_cotangent(fn, len(args), shape, seed=len(out))
+        if stage != "route":
+            args = (*args, fixed_route)  # not differentiated: _with_cotangent takes grads of the first len(args)
+            fwd, fwd_bwd = _with_cotangent(fn, len(args) - 1, shape, seed=len(out))
+        else:
+            fwd, fwd_bwd = _with_cotangent(fn, len(args), shape, seed=len(out))
         out[stage] = (jax.jit(fwd), jax.jit(fwd_bwd), args)
     return out
 
