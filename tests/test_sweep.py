@@ -15,7 +15,10 @@ from cli_checks import assert_user_error, run_cli
 from moe_jax import sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ABLATIONS = sorted((REPO / "experiments" / "ablations").glob("*.py"))
+# Every file there is a sweep (defines `variants`) except these helpers: a script that trains nothing and the
+# C4-recipe wrapper the *_c4.py sweeps share.
+NOT_SWEEPS = {"__init__", "c4_crossover", "on_c4"}
+ABLATIONS = sorted(p for p in (REPO / "experiments" / "ablations").glob("*.py") if p.stem not in NOT_SWEEPS)
 
 # Two variants of a very small Switch model: a handful of steps, one device, no checkpoints to speak of.
 SWEEP_FILE = '''"""Tiny test sweep: einsum vs index."""
@@ -133,6 +136,11 @@ def test_print_commands_are_runnable_main_commands(tmp_path, capsys):
     proc = subprocess.run([sys.executable, *argv[1:], "--config.train.steps=0"], cwd=REPO, capture_output=True,
                           text=True, env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
     assert "train.steps=0" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_helpers_beside_the_sweeps_are_not_sweeps():
+    for stem in NOT_SWEEPS - {"__init__"}:
+        assert "\ndef variants(" not in (REPO / "experiments" / "ablations" / f"{stem}.py").read_text()
 
 
 @pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: p.stem)
@@ -257,3 +265,28 @@ def test_headline_sweeps_run_three_seeds_at_full_length_and_analyse_them(name):
     results = {n: fake_run(n, 2.0 + 0.01 * i) for i, n in enumerate(names)}
     text = module.module.analysis(results, "laptop")
     assert "±" in text and "seed std" in text
+
+
+@pytest.mark.parametrize("name", ["num_experts", "capacity_factor", "init_scale"])
+def test_headline_sweeps_on_the_c4_recipe_are_their_twins_on_c4_tiny_data(name):
+    """<name>_c4.py: the same points and seeds, each run with c4_tiny_*.py's data and length (900 steps, the
+    same share of evaluations), and an analysis that reads those steps (init_scale's 'early' is a third)."""
+    from experiments import c4_tiny_dense
+
+    synthetic = sweep.load_sweep(f"experiments/ablations/{name}.py").variants
+    on_c4 = sweep.load_sweep(f"experiments/ablations/{name}_c4.py")
+    assert list(on_c4.variants) == list(synthetic)
+    recipe = c4_tiny_dense.get_config()
+    for variant_name, variant in on_c4.variants.items():
+        cfg = sweep.load_config(variant)
+        assert (cfg.train.steps, cfg.data.source, cfg.data.tokenizer, cfg.model.vocab_size) == (
+            recipe.train.steps, "jsonl", "byte", 259)
+        assert cfg.data.paths.endswith("c4_sample.jsonl.gz") and cfg.data.eval_fraction == 0.05
+        assert cfg.train.eval_every == 3 * synthetic[variant_name].overrides["train.eval_every"]
+        twin = {k: v for k, v in synthetic[variant_name].overrides.items() if not k.startswith(("train.", "data."))}
+        assert {k: variant.overrides[k] for k in twin} == twin  # the point's own settings are kept
+    results = {n: fake_run(n, 2.0 + 0.01 * i, steps=900) for i, n in enumerate(on_c4.variants)}
+    text = on_c4.module.analysis(results, "laptop")
+    assert "±" in text and "seed std" in text and "300 steps" not in text
+    if name == "init_scale":
+        assert "eval CE at step 300" in text

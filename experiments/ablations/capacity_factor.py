@@ -93,5 +93,6 @@ def analysis(results, scale):
         dropped = _mean(groups[baseline], "dropped_fraction")
         text.append(f"Switch at CF 1.25 drops {100 * dropped:.2f}% of its tokens over the last quarter of training "
                     + ("(the paper: \"typically < 1%\")." if dropped < 0.01 else
-                       "(above the paper's \"typically < 1%\": 300 steps, the routers are still settling)."))
+                       f"(above the paper's \"typically < 1%\": {max(s.steps for s in results.values())} steps, the "
+                       "routers are still settling)."))
     return "\n".join(lines) + "\n\n" + " ".join(text)

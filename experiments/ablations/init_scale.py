@@ -37,14 +37,14 @@ def variants(scale):
     return out
 
 
-def analysis(results, scale):
-    rows = [f"| init | eval CE at step {EARLY_STEP}, mean ± std (seeds) | at the end | paper (neg. log perp.) |",
+def analysis(results, scale, early_step=EARLY_STEP):
+    rows = [f"| init | eval CE at step {early_step}, mean ± std (seeds) | at the end | paper (neg. log perp.) |",
             "|---|---|---|---|"]
     stats = {}
     for s in SCALES:
         runs = [r for n, r in results.items() if n.startswith(f"{s:g}x")]
         diverged = [r.name for r in runs if r.status == "diverged"]
-        early = seed_stats([r.ce_at(EARLY_STEP) for r in runs if r.status == "finished"])
+        early = seed_stats([r.ce_at(early_step) for r in runs if r.status == "finished"])
         final = seed_stats([r.final_ce for r in runs])
         stats[s] = early, final
         paper = "-2.72 ± 0.01" if s == 0.1 else "-3.60 ± 0.68"
@@ -54,7 +54,7 @@ def analysis(results, scale):
     if not (stats[0.1][1][2] > 1 and stats[1.0][1][2] > 1):
         return "\n".join(rows) + "\n\nNot enough finished runs for an analysis."
     text = []
-    for label, i in ((f"at step {EARLY_STEP}", 0), ("at the end", 1)):
+    for label, i in ((f"at step {early_step}", 0), ("at the end", 1)):
         (m1, s1, _), (m10, s10, _) = stats[0.1][i], stats[1.0][i]
         gap, noise = m10 - m1, max(s1, s10)
         text.append(f"{label.capitalize()}: 0.1× {m1:.4f} ± {s1:.4f}, 1.0× {m10:.4f} ± {s10:.4f} nats; 1.0× minus "

@@ -1,0 +1,17 @@
+"""Initialisation scale (Switch paper, Table 3) on the C4 recipe: the C4 sample, bytes, 900 steps, 3 seeds.
+
+experiments/ablations/init_scale.py's variants and analysis with experiments/c4_tiny_*.py's data, length and
+evaluation (experiments/ablations/on_c4.py):
+
+    python -m moe_jax.sweep --sweep=experiments/ablations/init_scale_c4.py --workdir=runs/ablations
+
+Expected: see experiments/results/init_scale_c4.md (2-core CPU, about 9 minutes per run).
+"""
+
+from experiments.ablations import init_scale
+from experiments.ablations.on_c4 import c4_twin, recipe_steps
+
+COLUMNS = init_scale.COLUMNS
+PAPER = init_scale.PAPER
+# "Early": the same third of the run as the synthetic sweep's step 100 of 300.
+variants, analysis = c4_twin(init_scale, early_step=init_scale.EARLY_STEP * recipe_steps() // 300)

@@ -1,0 +1,42 @@
+"""The headline sweeps on the C4 recipe: a synthetic-corpus sweep's variants with the data and length of
+experiments/c4_tiny_dense.py / c4_tiny_switch.py (the C4 sample, bytes, 900 steps, a fixed 5% of the documents
+held out, 16 eval batches), everything else as the sweep sets it. Used by num_experts_c4.py,
+capacity_factor_c4.py and init_scale_c4.py; not a sweep itself.
+"""
+
+from experiments import c4_tiny_dense
+from experiments.ablations.c4_byte import REAL_TEXT
+
+
+def recipe_steps() -> int:
+    return int(c4_tiny_dense.get_config().train.steps)
+
+
+def variants_on_c4(module, scale) -> dict:
+    """`module.variants(scale)` moved onto the C4 recipe, its evaluations and checkpoint stretched with the
+    run (a sweep that evaluates 6 times in 300 steps evaluates 6 times in 900). Laptop scale only: the
+    paper-scale sweeps already name C4-sized runs and keep their own data."""
+    chosen = module.variants(scale)
+    if scale != "laptop":
+        return chosen
+    steps = recipe_steps()
+    out = {}
+    for name, variant in chosen.items():
+        stretch = steps / variant.overrides["train.steps"]
+        out[name] = variant.override({**REAL_TEXT, "train.steps": steps, "train.checkpoint_every": steps,
+                                      "train.eval_every": round(variant.overrides["train.eval_every"] * stretch),
+                                      "train.log_every": 10})
+    return out
+
+
+def c4_twin(module, **analysis_kwargs):
+    """(variants, analysis) of `module`'s sweep on the C4 recipe, for a sweep file to bind; `analysis_kwargs`
+    go to `module.analysis`."""
+
+    def variants(scale):
+        return variants_on_c4(module, scale)
+
+    def analysis(results, scale):
+        return module.analysis(results, scale, **analysis_kwargs)
+
+    return variants, analysis
