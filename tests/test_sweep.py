@@ -290,3 +290,13 @@ def test_headline_sweeps_on_the_c4_recipe_are_their_twins_on_c4_tiny_data(name):
     assert "±" in text and "seed std" in text and "300 steps" not in text
     if name == "init_scale":
         assert "eval CE at step 300" in text
+
+
+def test_upcycling_analysis_compares_each_seed_with_its_own_dense_continuation():
+    module = sweep.load_sweep("experiments/ablations/upcycle_c4.py")
+    ce = {"dense 300": 1.89, "dense +150": 1.81, "upcycled +150": 1.82, "scratch 150": 2.09}
+    results = {n: fake_run(n, ce[n.rsplit(" ", 1)[0]] + 0.001 * int(n[-1]) * (1 + n.startswith("up")))
+               for n in module.variants}
+    text = module.module.analysis(results, "laptop")
+    assert "upcycled minus dense continued: +0.0100, +0.0110, +0.0120" in text and "behind in 3 of 3 seeds" in text
+    assert "ahead of the Switch model trained from scratch" in text

@@ -96,12 +96,21 @@ def analysis(results, scale, setting: Setting = SETTING):
         return "Not enough finished runs for an analysis."
     text = [f"Eval CE, mean ± std over seeds (n): dense base at step {base_steps} {base[0]:.4f} ± {base[1]:.4f} "
             f"({base[2]}); after {extra_steps} more steps:"]
-    text += [f"{name} {m:.4f} ± {s:.4f} ({n})" for name, (m, s, n) in rows.items() if n]
-    sentences = ["; ".join(text) + "."]
+    sentences = [text[0] + " " + "; ".join(f"{name} {m:.4f} ± {s:.4f} ({n})" for name, (m, s, n) in rows.items()
+                                         if n) + "."]
     cont, up, scratch = (rows[k][0] for k in rows)
     if math.isfinite(cont) and math.isfinite(up):
         sentences.append(f"For the same {extra_steps} extra steps the upcycled model is "
                          f"{'ahead of' if up < cont else 'behind'} the dense continuation by {abs(cont - up):.4f} nats")
+    paired = [results[f"upcycled +{extra_steps} s{seed}"].final_ce - results[f"dense +{extra_steps} s{seed}"].final_ce
+              for seed in SEEDS if f"upcycled +{extra_steps} s{seed}" in results
+              and f"dense +{extra_steps} s{seed}" in results]
+    paired = [d for d in paired if math.isfinite(d)]
+    if len(paired) > 1:
+        mean, std, n = seed_stats(paired)
+        sentences.append(f"(seed by seed, upcycled minus dense continued: {', '.join(f'{d:+.4f}' for d in paired)}; "
+                         f"mean {mean:+.4f} ± {std:.4f}, {abs(mean) / std:.1f} stds; behind in "
+                         f"{sum(d > 0 for d in paired)} of {n} seeds)")
     if math.isfinite(scratch) and math.isfinite(up):
         sentences.append(f"and {'ahead of' if up < scratch else 'behind'} the Switch model trained from scratch for "
                          f"those steps by {abs(up - scratch):.4f} nats.")
