@@ -11,11 +11,12 @@ config is identical to a finished run of another sweep under the same `--workdir
 `--print_commands` prints the commands instead of running them (one per line, for a cluster). `--results_only`
 writes the results of the runs that exist without training anything (a sweep still running elsewhere).
 
-Each finished (or diverged) run also leaves a record, its `metrics.jsonl`, `config.json` and the runner's
-status and config-hash files (tens of kB, no checkpoints), in `<results_dir>/runs/<sweep>/<variant>/`; commit
-those with the results. A variant whose run directory is missing (another machine, a cleaned workdir) but
-whose record holds a finished run of the same config is restored from the record instead of retrained, so a
-long sweep carries on across machines and its results can always be rewritten. `--no_records` turns this off;
+Each finished (or diverged) run also leaves a record, its `metrics.jsonl` (gzipped), `config.json` and the
+runner's status and config-hash files (tens of kB, no checkpoints), in
+`<results_dir>/records/<sweep>/<variant>/`; commit those with the results. A variant whose run directory is
+missing (another machine, a cleaned workdir) but whose record holds a finished run of the same config is
+restored from the record instead of retrained, so a long sweep carries on across machines and its results can
+always be rewritten. `--no_records` turns this off;
 a sweep file whose later variants need earlier runs' checkpoints (a distillation teacher) sets
 `RESTORE_FROM_RECORDS = False` (its records are still written).
 
@@ -34,6 +35,7 @@ A sweep file (see experiments/ablations/) is a Python file with
 from __future__ import annotations
 
 import argparse
+import gzip
 import dataclasses
 import hashlib
 import importlib.util
@@ -42,6 +44,7 @@ import os
 import pathlib
 import shlex
 import shutil
+import tempfile
 import subprocess
 import sys
 import traceback
@@ -67,7 +70,9 @@ PAPER_STEPS = 100_000
 LAPTOP_STEP_FRACTION = 1 / 3
 FULL_LENGTH = 1 / LAPTOP_STEP_FRACTION  # `laptop_fraction` for the tiny configs' own length
 KEY_FILE = "sweep_key.txt"
-RECORD_FILES = ("metrics.jsonl", "config.json", STATUS_FILE, KEY_FILE)
+RECORD_METRICS = "metrics.jsonl.gz"  # a record keeps the run's metrics.jsonl gzipped
+RECORD_FILES = (RECORD_METRICS, "config.json", STATUS_FILE, KEY_FILE)
+_PLAIN_RECORD_FILES = RECORD_FILES[1:]
 
 
 class SweepError(ValueError):
@@ -264,25 +269,38 @@ def find_shared_run(workdir: pathlib.Path, key: str, steps: int, exclude: pathli
 
 
 def save_record(run_dir: pathlib.Path, record_dir: pathlib.Path) -> None:
-    """Copy a finished or diverged run's small files (RECORD_FILES) to `record_dir`."""
+    """Copy a finished or diverged run's small files to `record_dir` (RECORD_FILES; metrics gzipped)."""
     record_dir.mkdir(parents=True, exist_ok=True)
-    for file in RECORD_FILES:
+    for file in _PLAIN_RECORD_FILES:
         if (run_dir / file).exists():
             shutil.copyfile(run_dir / file, record_dir / file)
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    (record_dir / RECORD_METRICS).write_bytes(gzip.compress(metrics, mtime=0))  # mtime 0: same run, same bytes
+
+
+def _record_metrics(record_dir: pathlib.Path) -> str:
+    return gzip.decompress((record_dir / RECORD_METRICS).read_bytes()).decode()
 
 
 def restore_record(run_dir: pathlib.Path, record_dir: pathlib.Path, key: str, steps: int) -> bool:
     """Fill a not-yet-finished `run_dir` from `record_dir` when the record holds a finished (or diverged) run
     of the config with hash `key`; True when it did. A record of another config is left alone."""
     key_file = record_dir / KEY_FILE
-    if run_state(run_dir, steps) != "todo" or not key_file.exists():
+    if run_state(run_dir, steps) != "todo" or not key_file.exists() or not (record_dir / RECORD_METRICS).exists():
         return False
-    if key_file.read_text().strip() != key or run_state(record_dir, steps) == "todo":
+    if key_file.read_text().strip() != key:
         return False
+    with tempfile.TemporaryDirectory() as scratch:  # the record's state, read without touching run_dir
+        pathlib.Path(scratch, "metrics.jsonl").write_text(_record_metrics(record_dir))
+        if (record_dir / STATUS_FILE).exists():
+            shutil.copyfile(record_dir / STATUS_FILE, pathlib.Path(scratch, STATUS_FILE))
+        if run_state(pathlib.Path(scratch), steps) == "todo":
+            return False
     run_dir.mkdir(parents=True, exist_ok=True)
-    for file in RECORD_FILES:
+    for file in _PLAIN_RECORD_FILES:
         if (record_dir / file).exists():
             shutil.copyfile(record_dir / file, run_dir / file)
+    (run_dir / "metrics.jsonl").write_text(_record_metrics(record_dir))
     return True
 
 
@@ -344,7 +362,7 @@ def main(argv: Optional[list] = None) -> int:
                         help="train nothing: write the results of the runs that exist (unfinished ones as such), "
                              "e.g. while the sweep still runs elsewhere")
     parser.add_argument("--no_records", action="store_true",
-                        help="neither restore runs from nor save them to <results_dir>/runs/<sweep>/")
+                        help="neither restore runs from nor save them to <results_dir>/records/<sweep>/")
     parser.add_argument("--no_reuse", action="store_true",
                         help="train every variant here even if another sweep ran the same config (for speed "
                              "comparisons made under the same machine load)")
@@ -363,7 +381,7 @@ def main(argv: Optional[list] = None) -> int:
         return 0
 
     workdir = workdir.resolve()
-    records = pathlib.Path(args.results_dir) / "runs" / (sweep.name + ("" if args.scale == "laptop" else
+    records = pathlib.Path(args.results_dir) / "records" / (sweep.name + ("" if args.scale == "laptop" else
                                                                        f"_{args.scale}"))
     restore = not args.no_records and getattr(sweep.module, "RESTORE_FROM_RECORDS", True)
     summaries = {}

@@ -80,7 +80,7 @@ def test_sweep_runs_writes_results_and_skips_finished(tmp_path, one_device, caps
     # Each run left a record beside the results (no checkpoints): on a fresh machine (a new, empty workdir) the
     # sweep restores both runs from them instead of training, and writes the same table.
     for variant in ("index", "einsum"):
-        record = results / "runs" / "toy" / variant
+        record = results / "records" / "toy" / variant
         assert sorted(p.name for p in record.iterdir()) == sorted(sweep.RECORD_FILES)
     table = (results / "toy.csv").read_text()
     assert sweep.main([f"--sweep={path}", f"--workdir={tmp_path / 'elsewhere'}", f"--results_dir={results}"]) == 0
@@ -89,12 +89,12 @@ def test_sweep_runs_writes_results_and_skips_finished(tmp_path, one_device, caps
     strip_run_dirs = lambda text: [row.rsplit(",", 1)[0] for row in text.splitlines()]
     assert strip_run_dirs((results / "toy.csv").read_text()) == strip_run_dirs(table)
     # A record of another config (the sweep file changed since) is not restored: that variant trains again.
-    (results / "runs" / "toy" / "index" / sweep.KEY_FILE).write_text("0123456789abcdef\n")
+    (results / "records" / "toy" / "index" / sweep.KEY_FILE).write_text("0123456789abcdef\n")
     assert sweep.main([f"--sweep={path}", f"--workdir={tmp_path / 'third'}", f"--results_dir={results}",
                        "--variants=index"]) == 0
     out = capsys.readouterr().out
     assert "restored" not in out and out.count("python -m moe_jax.main") == 1
-    assert (results / "runs" / "toy" / "index" / sweep.KEY_FILE).read_text() != "0123456789abcdef\n"
+    assert (results / "records" / "toy" / "index" / sweep.KEY_FILE).read_text() != "0123456789abcdef\n"
 
     # Running again trains nothing: both variants are finished.
     (results / "toy.md").unlink()
