@@ -255,8 +255,12 @@ def slug(name: str) -> str:
 
 
 def config_key(cfg) -> str:
-    """A hash of the whole resolved config: two variants with the same key are the same run."""
-    return hashlib.sha256(cfg.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
+    """A hash of the whole resolved config: two variants with the same key are the same run. Paths inside
+    the checkout (a trained tokenizer under runs/) or beside it (../shared/data) are hashed relative to it,
+    so a record made in another clone or directory still matches."""
+    text = cfg.to_json_best_effort(sort_keys=True)
+    text = text.replace(str(REPO), "<repo>").replace(str(REPO.parent), "<repo>/..")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def find_shared_run(workdir: pathlib.Path, key: str, steps: int, exclude: pathlib.Path):

@@ -300,3 +300,20 @@ def test_upcycling_analysis_compares_each_seed_with_its_own_dense_continuation()
     text = module.module.analysis(results, "laptop")
     assert "upcycled minus dense continued: +0.0100, +0.0110, +0.0120" in text and "behind in 3 of 3 seeds" in text
     assert "ahead of the Switch model trained from scratch" in text
+
+
+def test_config_keys_do_not_depend_on_where_the_checkout_is(monkeypatch):
+    """Records made in one clone restore in another: paths in and beside the checkout hash relative to it."""
+    def key_with_root(root):
+        variant = sweep.Variant("experiments/tiny_dense.py", {
+            "data.paths": str(root.parent / "shared" / "data" / "c4_sample.jsonl.gz"),
+            "data.tokenizer": str(root / "runs" / "tokenizers" / "sp.model")})
+        cfg = sweep.load_config(variant)
+        with monkeypatch.context() as patch:
+            patch.setattr(sweep, "REPO", root)
+            return sweep.config_key(cfg)
+
+    here = key_with_root(sweep.REPO)
+    assert key_with_root(pathlib.Path("/somewhere/else/moe_jax")) == here
+    assert key_with_root(pathlib.Path("/somewhere/else/moe_jax")) != sweep.config_key(sweep.load_config(
+        sweep.Variant("experiments/tiny_dense.py", {"data.tokenizer": "byte"})))
