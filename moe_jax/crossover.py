@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
+
+from moe_jax.sweep_results import seed_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,11 +25,12 @@ class GapPoint:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.gaps)
+        return seed_stats(self.gaps)[0]
 
     @property
     def stderr(self) -> float:
-        return statistics.stdev(self.gaps) / math.sqrt(len(self.gaps)) if len(self.gaps) > 1 else float("nan")
+        _, std, n = seed_stats(self.gaps)
+        return std / math.sqrt(n)
 
 
 @dataclasses.dataclass(frozen=True)

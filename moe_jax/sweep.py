@@ -44,15 +44,14 @@ import os
 import pathlib
 import shlex
 import shutil
-import tempfile
 import subprocess
 import sys
 import traceback
 from typing import Any, Optional
 
 # Results are read and written by sweep_results.py; sweep files' analyses use `num` and `Summary` from here.
-from moe_jax.sweep_results import (COLUMN_FORMATS, REPO, STATUS_FILE, Summary, git_commit, num,  # noqa: F401
-                                   run_state, summarize, write_results)
+from moe_jax.sweep_results import (COLUMN_FORMATS, RECORD_METRICS, REPO, STATUS_FILE, Summary,  # noqa: F401
+                                   git_commit, num, results_stem, run_state, summarize, write_results)
 
 SCALES = ("laptop", "paper")
 # The configs a sweep starts from. Laptop: the tiny configs (runs in minutes on a 2-core CPU); paper:
@@ -70,7 +69,6 @@ PAPER_STEPS = 100_000
 LAPTOP_STEP_FRACTION = 1 / 3
 FULL_LENGTH = 1 / LAPTOP_STEP_FRACTION  # `laptop_fraction` for the tiny configs' own length
 KEY_FILE = "sweep_key.txt"
-RECORD_METRICS = "metrics.jsonl.gz"  # a record keeps the run's metrics.jsonl gzipped
 RECORD_FILES = (RECORD_METRICS, "config.json", STATUS_FILE, KEY_FILE)
 _PLAIN_RECORD_FILES = RECORD_FILES[1:]
 
@@ -282,29 +280,19 @@ def save_record(run_dir: pathlib.Path, record_dir: pathlib.Path) -> None:
     (record_dir / RECORD_METRICS).write_bytes(gzip.compress(metrics, mtime=0))  # mtime 0: same run, same bytes
 
 
-def _record_metrics(record_dir: pathlib.Path) -> str:
-    return gzip.decompress((record_dir / RECORD_METRICS).read_bytes()).decode()
-
-
 def restore_record(run_dir: pathlib.Path, record_dir: pathlib.Path, key: str, steps: int) -> bool:
     """Fill a not-yet-finished `run_dir` from `record_dir` when the record holds a finished (or diverged) run
     of the config with hash `key`; True when it did. A record of another config is left alone."""
     key_file = record_dir / KEY_FILE
-    if run_state(run_dir, steps) != "todo" or not key_file.exists() or not (record_dir / RECORD_METRICS).exists():
+    if run_state(run_dir, steps) != "todo" or not key_file.exists() or key_file.read_text().strip() != key:
         return False
-    if key_file.read_text().strip() != key:
+    if run_state(record_dir, steps) == "todo":  # read_metrics reads the record's gzipped metrics
         return False
-    with tempfile.TemporaryDirectory() as scratch:  # the record's state, read without touching run_dir
-        pathlib.Path(scratch, "metrics.jsonl").write_text(_record_metrics(record_dir))
-        if (record_dir / STATUS_FILE).exists():
-            shutil.copyfile(record_dir / STATUS_FILE, pathlib.Path(scratch, STATUS_FILE))
-        if run_state(pathlib.Path(scratch), steps) == "todo":
-            return False
     run_dir.mkdir(parents=True, exist_ok=True)
     for file in _PLAIN_RECORD_FILES:
         if (record_dir / file).exists():
             shutil.copyfile(record_dir / file, run_dir / file)
-    (run_dir / "metrics.jsonl").write_text(_record_metrics(record_dir))
+    (run_dir / "metrics.jsonl").write_bytes(gzip.decompress((record_dir / RECORD_METRICS).read_bytes()))
     return True
 
 
@@ -385,15 +373,13 @@ def main(argv: Optional[list] = None) -> int:
         return 0
 
     workdir = workdir.resolve()
-    records = pathlib.Path(args.results_dir) / "records" / (sweep.name + ("" if args.scale == "laptop" else
-                                                                       f"_{args.scale}"))
+    records = pathlib.Path(args.results_dir) / "records" / results_stem(sweep.name, args.scale)
     restore = not args.no_records and getattr(sweep.module, "RESTORE_FROM_RECORDS", True)
     summaries = {}
     for name, variant in chosen.items():
         run_dir = workdir / sweep.name / slug(name)
         cfg = load_config(variant)
-        if restore and restore_record(run_dir, records / slug(name), config_key(cfg),
-                                                  int(cfg.train.steps)):
+        if restore and restore_record(run_dir, records / slug(name), config_key(cfg), int(cfg.train.steps)):
             print(f"[sweep] {name}: restored from its record in {records / slug(name)}", flush=True)
         if args.results_only:
             shared = None if args.no_reuse else find_shared_run(workdir, config_key(cfg), int(cfg.train.steps),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import gzip
 import json
 import math
 import os
@@ -22,13 +23,21 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 STATUS_FILE = "sweep_status.json"  # written by sweep.run_variant: finished | diverged | failed, git commit
 
 
+RECORD_METRICS = "metrics.jsonl.gz"  # a sweep record (sweep.save_record) keeps metrics.jsonl gzipped
+
+
 def read_metrics(run_dir: pathlib.Path) -> list[dict]:
-    """metrics.jsonl records; a resumed run's repeated steps keep their last record."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    """metrics.jsonl records (or a sweep record's metrics.jsonl.gz); a resumed run's repeated steps keep their
+    last record."""
+    path, record = run_dir / "metrics.jsonl", run_dir / RECORD_METRICS
+    if path.exists():
+        text = path.read_text()
+    elif record.exists():
+        text = gzip.decompress(record.read_bytes()).decode()
+    else:
         return []
     by_step_kind = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             record = json.loads(line)
             kind = "eval" if any(k.startswith("eval/") for k in record) else "train"
@@ -190,10 +199,15 @@ def git_commit() -> str:
     return commit + (f" (uncommitted changes in {', '.join(changed)})" if changed else "")
 
 
+def results_stem(sweep_name: str, scale: str) -> str:
+    """The name a sweep's results (and records) go under: `<sweep>`, or `<sweep>_<scale>` off the laptop."""
+    return sweep_name + ("" if scale == "laptop" else f"_{scale}")
+
+
 def write_results(sweep, summaries: dict, scale: str, results_dir: pathlib.Path, command: str):
     """<name>.md, .csv and .png of `sweep` (a sweep.Sweep) in results_dir; returns their paths."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    stem = sweep.name + ("" if scale == "laptop" else f"_{scale}")
+    stem = results_stem(sweep.name, scale)
     md, csv_path, png = (results_dir / f"{stem}{ext}" for ext in (".md", ".csv", ".png"))
     plot(summaries, png, sweep.title)
 

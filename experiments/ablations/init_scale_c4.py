@@ -9,9 +9,9 @@ Expected: see experiments/results/init_scale_c4.md (2-core CPU, about 9 minutes 
 """
 
 from experiments.ablations import init_scale
-from experiments.ablations.on_c4 import c4_twin, recipe_steps
+from experiments.ablations.on_c4 import c4_twin, stretch
 
 COLUMNS = init_scale.COLUMNS
 PAPER = init_scale.PAPER
-# "Early": the same third of the run as the synthetic sweep's step 100 of 300.
-variants, analysis = c4_twin(init_scale, early_step=init_scale.EARLY_STEP * recipe_steps() // 300)
+# "Early": the same share of the run as the synthetic sweep's EARLY_STEP.
+variants, analysis = c4_twin(init_scale, early_step=round(init_scale.EARLY_STEP * stretch(init_scale)))

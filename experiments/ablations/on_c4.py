@@ -12,6 +12,12 @@ def recipe_steps() -> int:
     return int(c4_tiny_dense.get_config().train.steps)
 
 
+def stretch(module) -> float:
+    """How many times longer the C4 recipe runs than `module`'s laptop sweep (every variant has one length)."""
+    (steps,) = {v.overrides["train.steps"] for v in module.variants("laptop").values()}
+    return recipe_steps() / steps
+
+
 def variants_on_c4(module, scale) -> dict:
     """`module.variants(scale)` moved onto the C4 recipe, its evaluations and checkpoint stretched with the
     run (a sweep that evaluates 6 times in 300 steps evaluates 6 times in 900). Laptop scale only: the
@@ -19,14 +25,11 @@ def variants_on_c4(module, scale) -> dict:
     chosen = module.variants(scale)
     if scale != "laptop":
         return chosen
-    steps = recipe_steps()
-    out = {}
-    for name, variant in chosen.items():
-        stretch = steps / variant.overrides["train.steps"]
-        out[name] = variant.override({**REAL_TEXT, "train.steps": steps, "train.checkpoint_every": steps,
-                                      "train.eval_every": round(variant.overrides["train.eval_every"] * stretch),
-                                      "train.log_every": 10})
-    return out
+    steps, factor = recipe_steps(), stretch(module)
+    return {name: variant.override({**REAL_TEXT, "train.steps": steps, "train.checkpoint_every": steps,
+                                    "train.eval_every": round(variant.overrides["train.eval_every"] * factor),
+                                    "train.log_every": 10})
+            for name, variant in chosen.items()}
 
 
 def c4_twin(module, **analysis_kwargs):
