@@ -96,12 +96,19 @@ def test_sweep_runs_writes_results_and_skips_finished(tmp_path, one_device, caps
     assert "restored" not in out and out.count("python -m moe_jax.main") == 1
     assert (results / "records" / "toy" / "index" / sweep.KEY_FILE).read_text() != "0123456789abcdef\n"
 
-    # Running again trains nothing: both variants are finished.
+    # Running again trains nothing: both variants are finished. A run dir whose hash file is stale (trained
+    # before a change of the hash rule) does not overwrite its record's key with the stale one.
     (results / "toy.md").unlink()
+    record_key = (results / "records" / "toy" / "einsum" / sweep.KEY_FILE).read_text()
+    run_key = (workdir / "toy" / "einsum" / sweep.KEY_FILE).read_text()
+    (workdir / "toy" / "einsum" / sweep.KEY_FILE).write_text("fedcba9876543210\n")
     assert sweep.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("already done") == 2 and "python -m moe_jax.main" not in out
+    assert "einsum: " in out and "its record was not written" in out
+    assert (results / "records" / "toy" / "einsum" / sweep.KEY_FILE).read_text() == record_key
     assert (results / "toy.md").exists()
+    (workdir / "toy" / "einsum" / sweep.KEY_FILE).write_text(run_key)
 
     # Another sweep with an identical config under the same workdir reuses the finished run.
     other = write_sweep(tmp_path, SWEEP_FILE.replace('"einsum": b.override', '"unused": b.override'), "other")

@@ -7,7 +7,8 @@ configs are not retrained). Seeds are `train.seed` (initialisation); the data or
 
 Dimensions, in the order they run:
   tokenizer   SentencePiece unigram vocabularies of 8k / 4k / 16k pieces trained on the training split only
-              (written to runs/tokenizers/ the first time the sweep is loaded; about 20 s each)
+              (written to runs/tokenizers/ the first time the sweep is loaded; about 20 s each); 8k also for
+              900 steps (about 3.8 bytes a token: 14 M training bytes, 4x the longest byte-level run)
   tokens      d_model 64 / d_ff 256 (a quarter of the parameters per layer) for 900 and 1800 steps: more
               training tokens per parameter, where extra (expert) parameters should start to pay
   placement   MoE in every layer instead of every other one
@@ -83,6 +84,7 @@ def variants(scale):
     out = {}
     _pair(scale, out, "")  # the byte-level baseline pair (c4_byte.py's 300-step runs)
     _pair(scale, out, "sp8k", **_tokenizer(8000))
+    _pair(scale, out, "sp8k 900 steps", steps=900, **_tokenizer(8000))  # where sp8k's lead at 300 steps goes
     # more training tokens per parameter: half the width, 3x and 6x the steps
     _pair(scale, out, "d 64 900 steps", steps=900, **NARROW)
     _pair(scale, out, "every layer", dense=False, **{"model.moe.every": 1})
