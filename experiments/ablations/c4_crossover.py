@@ -4,9 +4,12 @@
 
 reads the committed per-run results of experiments/results/c4_byte.csv (tiny_dense vs tiny_switch, bytes,
 300 and 900 steps, 3 seeds) and, where they have run, c4_study.csv's half-width pairs (`d 64 900 steps`,
-`d 64 1800 steps`); pairs each seed's Switch run with the dense run of the same seed (same data order), fits
-gap = a + b ln(training tokens) per model size (moe_jax/crossover.py) and writes
-experiments/results/c4_crossover.{md,png}. It trains nothing; rerun it when the study adds lengths.
+`d 64 1800 steps`) and SentencePiece-8k pairs (`sp8k`, `sp8k 900 steps`); pairs each seed's Switch run with the
+dense run of the same seed (same data order), fits gap = a + b ln(training bytes) per series
+(moe_jax/crossover.py) and writes experiments/results/c4_crossover.{md,png}. A SentencePiece series is put in
+bytes with the held-out text's tokens per byte (gap in nats/token x tokens/byte; training bytes = training
+tokens / tokens per byte, the held-out ratio taken for the training text). It trains nothing; rerun it when the
+study adds lengths.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import sys
 if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
+from experiments.ablations import c4_study
 from moe_jax import crossover, sweep
 from moe_jax.sweep_results import git_commit
 
@@ -30,29 +34,34 @@ SERIES = (
      re.compile(r"^(dense|switch-8)(?: (\d+) steps)? seed (\d+)$")),
     ("d_model 64 (half width)", "c4_study",
      re.compile(r"^(dense|switch-8) (d 64 \d+ steps) seed (\d+)$")),
+    ("d_model 128, SentencePiece 8k", "c4_study",
+     re.compile(r"^(dense|switch-8) (sp8k(?: \d+ steps)?) seed (\d+)$")),
 )
 
 
 def series_points(sweep_name: str, pattern) -> list[tuple[int, crossover.GapPoint]]:
-    """[(steps, GapPoint)] from a results CSV's finished runs, seeds paired; lengths with no pair left out."""
+    """[(steps, GapPoint in nats/byte against training bytes)] from a results CSV's finished runs, seeds
+    paired; lengths with no pair left out."""
     path = RESULTS / f"{sweep_name}.csv"
-    if not path.exists():
+    rows = [row for row in csv.DictReader(open(path)) if pattern.match(row["variant"]) and row["status"] == "finished"
+            ] if path.exists() else []
+    if not rows:
         return []
     variants = sweep.load_sweep(str(sweep.REPO / "experiments" / "ablations" / f"{sweep_name}.py")).variants
     runs = {}
-    for row in csv.DictReader(open(path)):
+    for row in rows:
         match = pattern.match(row["variant"])
-        if match is None or row["status"] != "finished":
-            continue
         cfg = sweep.load_config(variants[row["variant"]])
-        tokens = int(cfg.train.steps) * cfg.data.batch_size * cfg.data.seq_len
-        runs[(match[1], tokens, match[3])] = (int(cfg.train.steps), float(row["final_eval_ce"]))
+        tokens_per_byte = 1.0 if cfg.data.tokenizer == "byte" else c4_study.held_out_tokens_per_byte(cfg.data.tokenizer)
+        training_bytes = round(int(cfg.train.steps) * cfg.data.batch_size * cfg.data.seq_len / tokens_per_byte)
+        runs[(match[1], training_bytes, match[3])] = (int(cfg.train.steps),
+                                                      float(row["final_eval_ce"]) * tokens_per_byte)
     points = []
-    for tokens in sorted({t for _, t, _ in runs}):
-        seeds = sorted(s for kind, t, s in runs if kind == "dense" and t == tokens and ("switch-8", t, s) in runs)
+    for size in sorted({b for _, b, _ in runs}):
+        seeds = sorted(s for kind, b, s in runs if kind == "dense" and b == size and ("switch-8", b, s) in runs)
         if seeds:
-            gaps = tuple(runs[("switch-8", tokens, s)][1] - runs[("dense", tokens, s)][1] for s in seeds)
-            points.append((runs[("dense", tokens, seeds[0])][0], crossover.GapPoint(tokens, gaps)))
+            gaps = tuple(runs[("switch-8", size, s)][1] - runs[("dense", size, s)][1] for s in seeds)
+            points.append((runs[("dense", size, seeds[0])][0], crossover.GapPoint(size, gaps)))
     return points
 
 
@@ -76,7 +85,7 @@ def plot(fits, path):
     ax.set_xscale("log")
     ax.set_xlabel("training bytes (log)")
     ax.set_ylabel("Switch-8 − dense, held-out nats/byte")
-    ax.set_title("C4 sample, bytes: the Switch-minus-dense gap against training data")
+    ax.set_title("C4 sample: the Switch-minus-dense gap against training data")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -93,11 +102,12 @@ def main(argv=None) -> int:
         print(f"error: no finished Switch / dense seed pairs in {RESULTS}/c4_byte.csv or c4_study.csv",
               file=sys.stderr)
         return 1
-    lines = ["# Where Switch would overtake dense on the C4 sample (bytes)", "",
+    lines = ["# Where Switch would overtake dense on the C4 sample", "",
              f"command: `python experiments/ablations/c4_crossover.py` (trains nothing; reads the committed "
              f"CSVs)  ", f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; git commit: "
              f"{git_commit()}", "",
-             "Gap = Switch-8's held-out nats/byte minus dense's, seed by seed (both runs of a seed see the same "
+             "Gap = Switch-8's held-out nats/byte minus dense's (SentencePiece: nats/token times held-out tokens per "
+             "byte), seed by seed (both runs of a seed see the same "
              "data order). Fit: gap = a + b ln(training bytes), weighted by 1 / (standard error)^2; the "
              "crossover range moves the slope by ± 2 standard errors (moe_jax/crossover.py).", ""]
     for title, points, trend in fits:

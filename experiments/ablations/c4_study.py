@@ -111,8 +111,8 @@ def variants(scale):
 
 
 @functools.cache
-def _nats_per_token_to_bits_per_byte(tokenizer: str) -> float:
-    """Held-out tokens (EOS included) per held-out UTF-8 byte, / ln 2."""
+def held_out_tokens_per_byte(tokenizer: str) -> float:
+    """Held-out tokens (EOS included) per held-out UTF-8 byte: nats/token times this is nats/byte."""
     from moe_jax import train
     from moe_jax.data import sources, tokenizers
 
@@ -122,7 +122,7 @@ def _nats_per_token_to_bits_per_byte(tokenizer: str) -> float:
     tok = tokenizers.make_tokenizer(data)
     texts = list(sources.load_texts(data, "eval"))
     tokens = sum(len(tok.encode(t)) + 1 for t in texts)
-    return tokens / sum(len(t.encode("utf-8")) for t in texts) / math.log(2)
+    return tokens / sum(len(t.encode("utf-8")) for t in texts)
 
 
 def _point(name):
@@ -149,7 +149,7 @@ def analysis(results, scale):
         tokenizer = configs[moe[0].name].overrides.get("data.tokenizer", "byte")
         bpb = ""
         if math.isfinite(dm) and math.isfinite(mm):
-            factor = _nats_per_token_to_bits_per_byte(tokenizer)
+            factor = held_out_tokens_per_byte(tokenizer) / math.log(2)
             bpb = f"{dm * factor:.4f} → {mm * factor:.4f}"
         point = f"{model} {label}".strip() + f" (vs dense{' ' + baseline if baseline else ''})"
         rows.append(f"| {point} | {sweep.num(dm)} ± {sweep.num(ds)} ({dn}) | {sweep.num(mm)} ± {sweep.num(ms)} "
