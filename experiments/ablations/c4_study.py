@@ -15,7 +15,8 @@ Dimensions, in the order they run:
   fine-grain  16 experts of half the width with top-2 routing (the same active FLOPs)
   capacity    dropless (every token reaches its expert), capacity factor 2.0, routing groups of 512 tokens
   experts     16 and 32 experts (more parameters at the same active FLOPs)
-  lr          3x and 1/3 of the tiny configs' 3e-3, for both models
+  lr          3x and 1/3 of the tiny configs' 3e-3, for both models; the schedule: the Switch paper's Adafactor
+              with T5's inverse-square-root decay (peak 1e-2) instead of AdamW's warmup + cosine
   losses      load-balancing weight 1e-3 and 1e-1, router z-loss 1e-3, jitter 0.01
 
 Different tokenizers are compared in bits per byte of held-out text (eval CE in nats/token x held-out
@@ -95,6 +96,7 @@ def variants(scale):
     _pair(scale, out, "", experts=16, dense=False)
     _pair(scale, out, "lr 9e-3", **{"train.learning_rate": 9e-3})
     _pair(scale, out, "lr 1e-3", **{"train.learning_rate": 1e-3})
+    _pair(scale, out, "adafactor rsqrt", **{"train.optimizer": "adafactor", "train.learning_rate": 1e-2})
     _pair(scale, out, "sp4k", **_tokenizer(4000))
     _pair(scale, out, "sp16k", **_tokenizer(16000))
     _pair(scale, out, "cf 2.0", dense=False, **{"model.moe.capacity_factor": 2.0})
