@@ -12,6 +12,7 @@ Dimensions, in the order they run:
   tokens      d_model 64 / d_ff 256 (a quarter of the parameters per layer) for 900 and 1800 steps: more
               training tokens per parameter, where extra (expert) parameters should start to pay
   placement   MoE in every layer instead of every other one
+  depth       8 layers instead of 4 (MoE still in every other one)
   fine-grain  16 experts of half the width with top-2 routing (the same active FLOPs)
   capacity    dropless (every token reaches its expert), capacity factor 2.0, routing groups of 512 tokens
   experts     16 and 32 experts (more parameters at the same active FLOPs)
@@ -92,6 +93,7 @@ def variants(scale):
     _pair(scale, out, "top-2 d_ff 256", experts=16, dense=False,
           **{"model.moe.k": 2, "model.moe.d_ff": 256})  # fine-grained experts, the same active FLOPs
     _pair(scale, out, "d 64 1800 steps", steps=1800, **NARROW)
+    _pair(scale, out, "8 layers", **{"model.num_layers": 8})  # depth: twice the layers, MoE in every other
     _pair(scale, out, "dropless", dense=False, **{"model.moe.dispatcher": "dropless"})
     _pair(scale, out, "", experts=16, dense=False)
     _pair(scale, out, "lr 9e-3", **{"train.learning_rate": 9e-3})
