@@ -51,6 +51,8 @@ def test_the_script_fits_the_committed_c4_results(tmp_path):
     assert proc.returncode == 0, proc.stderr
     md = (tmp_path / "c4_crossover.md").read_text()
     # c4_byte.csv's paired seeds at 300 steps: +0.0069, +0.0197, +0.0114 (mean +0.0127).
-    assert "| 300 | 1.23M | +0.0069, +0.0197, +0.0114 | +0.0127 ± 0.0037 |" in md
+    # 1.23M bytes is 0.24 epochs of the sample's 5.10M-byte training split.
+    assert "| 300 | 1.23M | 0.24 | +0.0069, +0.0197, +0.0114 | +0.0127 ± 0.0037 |" in md
+    assert "5.10M UTF-8 bytes of the sample's training split" in md
     assert "nats per doubling of the training bytes" in md
     assert (tmp_path / "c4_crossover.png").read_bytes()[:4] == b"\x89PNG"

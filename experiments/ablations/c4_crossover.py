@@ -102,6 +102,7 @@ def main(argv=None) -> int:
         print(f"error: no finished Switch / dense seed pairs in {RESULTS}/c4_byte.csv or c4_study.csv",
               file=sys.stderr)
         return 1
+    split_bytes = c4_study.training_split_bytes()
     lines = ["# Where Switch would overtake dense on the C4 sample", "",
              f"command: `python experiments/ablations/c4_crossover.py` (trains nothing; reads the committed "
              f"CSVs)  ", f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; git commit: "
@@ -109,16 +110,21 @@ def main(argv=None) -> int:
              "Gap = Switch-8's held-out nats/byte minus dense's (SentencePiece: nats/token times held-out tokens per "
              "byte), seed by seed (both runs of a seed see the same "
              "data order). Fit: gap = a + b ln(training bytes), weighted by 1 / (standard error)^2; the "
-             "crossover range moves the slope by ± 2 standard errors (moe_jax/crossover.py).", ""]
+             "crossover range moves the slope by ± 2 standard errors (moe_jax/crossover.py).", "",
+             f"Epochs: training bytes over the {split_bytes / 1e6:.2f}M UTF-8 bytes of the sample's training split. "
+             "Past one epoch a run sees its documents again, where extra (expert) parameters can memorise "
+             "instead of generalise: the sample itself bounds how far along this axis the fit can be checked.", ""]
     for title, points, trend in fits:
-        lines += [f"## {title}", "", "| steps | training bytes | gap per seed | mean ± std. error |",
-                  "|---|---|---|---|"]
-        lines += [f"| {steps} | {p.tokens / 1e6:.2f}M | {', '.join(f'{g:+.4f}' for g in p.gaps)} | "
-                  f"{p.mean:+.4f} ± {p.stderr:.4f} |" for steps, p in points]
+        lines += [f"## {title}", "", "| steps | training bytes | epochs | gap per seed | mean ± std. error |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {steps} | {p.tokens / 1e6:.2f}M | {p.tokens / split_bytes:.2f} | "
+                  f"{', '.join(f'{g:+.4f}' for g in p.gaps)} | {p.mean:+.4f} ± {p.stderr:.4f} |"
+                  for steps, p in points]
         lines += ["", crossover.describe(trend, "bytes")]
         if math.isfinite(trend.crossover):
             bytes_per_step = points[0][1].tokens / points[0][0]
-            lines[-1] += f" At this batch that is {trend.crossover / bytes_per_step:,.0f} steps."
+            lines[-1] += (f" At this batch that is {trend.crossover / bytes_per_step:,.0f} steps, "
+                          f"{trend.crossover / split_bytes:.0f} epochs of the sample's training split.")
         lines += [""]
     lines += ["![gap against training bytes](c4_crossover.png)", ""]
     output.mkdir(parents=True, exist_ok=True)

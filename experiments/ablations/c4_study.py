@@ -114,15 +114,29 @@ def variants(scale):
 # --------------------------------------------------------------------------------------------- analysis
 
 
-@functools.cache
-def held_out_tokens_per_byte(tokenizer: str) -> float:
-    """Held-out tokens (EOS included) per held-out UTF-8 byte: nats/token times this is nats/byte."""
+def _real_text_data(tokenizer: str = "byte"):
     from moe_jax import train
-    from moe_jax.data import sources, tokenizers
 
     data = train.default_config().data
     data.update({k.split(".", 1)[1]: v for k, v in REAL_TEXT.items() if k.startswith("data.")})
     data.tokenizer = tokenizer
+    return data
+
+
+@functools.cache
+def training_split_bytes() -> int:
+    """UTF-8 bytes of the C4 sample's training split: a run's training bytes over this is its epochs."""
+    from moe_jax.data import sources
+
+    return sum(len(t.encode("utf-8")) for t in sources.load_texts(_real_text_data(), "train"))
+
+
+@functools.cache
+def held_out_tokens_per_byte(tokenizer: str) -> float:
+    """Held-out tokens (EOS included) per held-out UTF-8 byte: nats/token times this is nats/byte."""
+    from moe_jax.data import sources, tokenizers
+
+    data = _real_text_data(tokenizer)
     tok = tokenizers.make_tokenizer(data)
     texts = list(sources.load_texts(data, "eval"))
     tokens = sum(len(tok.encode(t)) + 1 for t in texts)
