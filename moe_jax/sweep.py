@@ -261,6 +261,17 @@ def config_key(cfg) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def stale_runs(sweep_name: str, chosen: dict, workdir: pathlib.Path) -> list[pathlib.Path]:
+    """Run dirs of `chosen` variants whose stored config hash is not their variant's: reporting or resuming
+    them would pass another config's run off as this one."""
+    stale = []
+    for name, variant in chosen.items():
+        key_file = workdir / sweep_name / slug(name) / KEY_FILE
+        if key_file.exists() and key_file.read_text().strip() != config_key(load_config(variant)):
+            stale.append(key_file.parent)
+    return stale
+
+
 def find_shared_run(workdir: pathlib.Path, key: str, steps: int, exclude: pathlib.Path):
     """A finished (or diverged) run of the same config anywhere under `workdir/<sweep>/<variant>`."""
     for key_file in sorted(workdir.glob(f"*/*/{KEY_FILE}")):
@@ -380,6 +391,12 @@ def main(argv: Optional[list] = None) -> int:
         return 0
 
     workdir = workdir.resolve()
+    stale = stale_runs(sweep.name, chosen, workdir)
+    if stale:
+        print(f"error: these run dirs hold runs of another config than their variant's (the sweep file or a "
+              f"config it reads changed since they ran): {', '.join(map(str, stale))}; move them away (or delete "
+              f"them) to rerun those variants", file=sys.stderr)
+        return 2
     records = pathlib.Path(args.results_dir) / "records" / results_stem(sweep.name, args.scale)
     restore = not args.no_records and getattr(sweep.module, "RESTORE_FROM_RECORDS", True)
     summaries = {}

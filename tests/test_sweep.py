@@ -96,19 +96,22 @@ def test_sweep_runs_writes_results_and_skips_finished(tmp_path, one_device, caps
     assert "restored" not in out and out.count("python -m moe_jax.main") == 1
     assert (results / "records" / "toy" / "index" / sweep.KEY_FILE).read_text() != "0123456789abcdef\n"
 
-    # Running again trains nothing: both variants are finished. A run dir whose hash file is stale (trained
-    # before a change of the hash rule) does not overwrite its record's key with the stale one.
+    # Running again trains nothing: both variants are finished.
     (results / "toy.md").unlink()
-    record_key = (results / "records" / "toy" / "einsum" / sweep.KEY_FILE).read_text()
-    run_key = (workdir / "toy" / "einsum" / sweep.KEY_FILE).read_text()
-    (workdir / "toy" / "einsum" / sweep.KEY_FILE).write_text("fedcba9876543210\n")
     assert sweep.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("already done") == 2 and "python -m moe_jax.main" not in out
-    assert "einsum: " in out and "its record was not written" in out
-    assert (results / "records" / "toy" / "einsum" / sweep.KEY_FILE).read_text() == record_key
     assert (results / "toy.md").exists()
-    (workdir / "toy" / "einsum" / sweep.KEY_FILE).write_text(run_key)
+    # A run dir of another config (the sweep file changed since it ran) is neither reported, resumed nor
+    # recorded: the sweep stops before training anything and names it.
+    record_key = (results / "records" / "toy" / "einsum" / sweep.KEY_FILE).read_text()
+    changed = write_sweep(tmp_path, SWEEP_FILE.replace('"model.moe.dispatcher": "einsum"',
+                                                       '"model.moe.dispatcher": "einsum", "train.seed": 3'))
+    assert sweep.main([f"--sweep={changed}", f"--workdir={workdir}", f"--results_dir={results}"]) == 2
+    err = capsys.readouterr().err
+    assert "hold runs of another config" in err and str(workdir / "toy" / "einsum") in err and "index" not in err
+    assert (results / "records" / "toy" / "einsum" / sweep.KEY_FILE).read_text() == record_key
+    write_sweep(tmp_path)
 
     # Another sweep with an identical config under the same workdir reuses the finished run.
     other = write_sweep(tmp_path, SWEEP_FILE.replace('"einsum": b.override', '"unused": b.override'), "other")
@@ -287,7 +290,7 @@ def test_headline_sweeps_on_the_c4_recipe_are_their_twins_on_c4_tiny_data(name):
     for variant_name, variant in on_c4.variants.items():
         cfg = sweep.load_config(variant)
         assert (cfg.train.steps, cfg.data.source, cfg.data.tokenizer, cfg.model.vocab_size) == (
-            recipe.train.steps, "jsonl", "byte", 259)
+            recipe.train.steps, "jsonl", recipe.data.tokenizer, recipe.model.vocab_size)
         assert cfg.data.paths.endswith("c4_sample.jsonl.gz") and cfg.data.eval_fraction == 0.05
         assert cfg.train.eval_every == 3 * synthetic[variant_name].overrides["train.eval_every"]
         twin = {k: v for k, v in synthetic[variant_name].overrides.items() if not k.startswith(("train.", "data."))}
