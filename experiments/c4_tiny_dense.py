@@ -14,8 +14,10 @@ released shards are the `en/c4-train.*-of-01024.json.gz` files of the allenai/c4
 A vocabulary of your own text: `python -m moe_jax.data.tokenizers train --config=experiments/c4_tiny_dense.py
 --config.data.paths=... --vocab_size=8000 --output=my_spm`, then `--config.data.tokenizer=my_spm.model`.
 
-Expected: see the README's Results and experiments/results/c4_study.md (`sp8k 900 steps`, the C4 sample,
-3 seeds, 2-core CPU). The study's best real-text recipe for Switch, and still no Switch win.
+Expected (experiments/results/c4_study.md, `dense sp8k 900 steps`, the 2,444-document C4 sample
+`../shared/data/c4_sample.jsonl.gz`, 3 seeds, 2-core CPU, 8-15 minutes): held-out 5.4432 +- 0.0073 nats/token
+(1.4300 nats/byte), level with c4_tiny_switch's 5.4432 +- 0.0083. The study's best real-text recipe for Switch,
+and still no Switch win; see the README's Results.
 """
 
 import pathlib

@@ -93,5 +93,6 @@ def describe(trend: GapTrend, unit: str = "tokens") -> str:
     if math.isinf(trend.crossover):
         return sentence + "; along it the gap does not reach zero: no crossover can be extrapolated."
     high = "no crossover at all" if math.isinf(trend.crossover_high) else f"{trend.crossover_high:.3g}"
-    return (sentence + f"; the line reaches zero at {trend.crossover:.3g} {unit} (slope ± 2 standard errors: "
-            f"{trend.crossover_low:.3g} to {high}).")
+    meaning = "the MoE model's lead would close" if trend.slope > 0 else "the MoE model would draw level"
+    return (sentence + f"; the line reaches zero ({meaning}) at {trend.crossover:.3g} {unit} (slope ± 2 standard "
+            f"errors: {trend.crossover_low:.3g} to {high}).")

@@ -25,7 +25,11 @@ def test_a_clear_trend_is_extrapolated_to_where_the_line_is_zero():
     assert trend.slope_beyond_noise
     assert trend.crossover == pytest.approx(math.exp(0.07 / 0.004))
     assert trend.crossover_low < trend.crossover < trend.crossover_high < math.inf
-    assert "reaches zero at 3.98e+07 tokens" in describe(trend)
+    assert "reaches zero (the MoE model would draw level) at 3.98e+07 tokens" in describe(trend)
+    # MoE ahead and its lead shrinking: the same zero, the other meaning.
+    closing = fit_gap_trend(line_points(-0.07, 0.004, 0.001))
+    assert closing.crossover == pytest.approx(math.exp(0.07 / 0.004))
+    assert "reaches zero (the MoE model's lead would close) at 3.98e+07 tokens" in describe(closing)
     # A gap that is already past zero inside the measured range is not a future crossover.
     assert math.isinf(fit_gap_trend(line_points(0.05, -0.004, 0.001)).crossover)
 
