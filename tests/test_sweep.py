@@ -292,6 +292,7 @@ def test_headline_sweeps_on_the_c4_recipe_are_their_twins_on_c4_tiny_data(name):
         assert (cfg.train.steps, cfg.data.source, cfg.data.tokenizer, cfg.model.vocab_size) == (
             recipe.train.steps, "jsonl", recipe.data.tokenizer, recipe.model.vocab_size)
         assert cfg.data.paths.endswith("c4_sample.jsonl.gz") and cfg.data.eval_fraction == 0.05
+        assert (cfg.model.d_model, cfg.model.d_ff) == (recipe.model.d_model, recipe.model.d_ff)
         assert cfg.train.eval_every == 3 * synthetic[variant_name].overrides["train.eval_every"]
         twin = {k: v for k, v in synthetic[variant_name].overrides.items() if not k.startswith(("train.", "data."))}
         assert {k: variant.overrides[k] for k in twin} == twin  # the point's own settings are kept

@@ -1,11 +1,11 @@
-"""Initialisation scale (Switch paper, Table 3) on the C4 recipe: the C4 sample, SentencePiece 8k, 900 steps, 3 seeds.
+"""Initialisation scale (Switch paper, Table 3) on the C4 recipe: the C4 sample, bytes, d 64, 900 steps, 3 seeds.
 
-experiments/ablations/init_scale.py's variants and analysis with experiments/c4_tiny_*.py's data, length and
-evaluation (experiments/ablations/on_c4.py):
+experiments/ablations/init_scale.py's variants and analysis with experiments/c4_tiny_*.py's width, data, length
+and evaluation (experiments/ablations/on_c4.py):
 
     python -m moe_jax.sweep --sweep=experiments/ablations/init_scale_c4.py --workdir=runs/ablations
 
-Expected: see experiments/results/init_scale_c4.md (2-core CPU, 9-15 minutes per run).
+Expected: see experiments/results/init_scale_c4.md (2-core CPU, about 5 minutes per run beside another).
 """
 
 from experiments.ablations import init_scale

@@ -1,6 +1,6 @@
-"""The headline sweeps on the C4 recipe: a synthetic-corpus sweep's variants with the data, vocabulary, length
-and evaluation of experiments/c4_tiny_dense.py / c4_tiny_switch.py (the C4 sample, SentencePiece 8k, 900 steps, a
-fixed 5% of the documents held out, 16 eval batches), everything else as the sweep sets it. Used by
+"""The headline sweeps on the C4 recipe: a synthetic-corpus sweep's variants with the width, data, length and
+evaluation of experiments/c4_tiny_dense.py / c4_tiny_switch.py (d_model 64 / d_ff 256, the C4 sample, bytes, 900
+steps, a fixed 5% of the documents held out, 16 eval batches), everything else as the sweep sets it. Used by
 num_experts_c4.py, capacity_factor_c4.py and init_scale_c4.py; not a sweep itself.
 """
 
@@ -8,10 +8,11 @@ from experiments import c4_tiny_dense
 from experiments.ablations.c4_byte import C4_SAMPLE
 
 
-def recipe_data() -> dict:
-    """The recipe's data, vocabulary and evaluation settings, reading the C4 sample."""
+def recipe_overrides() -> dict:
+    """The recipe's width, data, vocabulary and evaluation settings, reading the C4 sample."""
     recipe = c4_tiny_dense.get_config()
     return {**{f"data.{k}": v for k, v in c4_tiny_dense.REAL_TEXT.items()}, "data.paths": str(C4_SAMPLE),
+            **{f"model.{k}": v for k, v in c4_tiny_dense.WIDTH.items()},
             "model.vocab_size": recipe.model.vocab_size, "train.eval_steps": recipe.train.eval_steps}
 
 
@@ -33,7 +34,7 @@ def variants_on_c4(module, scale) -> dict:
     if scale != "laptop":
         return chosen
     steps, factor = recipe_steps(), stretch(module)
-    return {name: variant.override({**recipe_data(), "train.steps": steps, "train.checkpoint_every": steps,
+    return {name: variant.override({**recipe_overrides(), "train.steps": steps, "train.checkpoint_every": steps,
                                     "train.eval_every": round(variant.overrides["train.eval_every"] * factor),
                                     "train.log_every": 10})
             for name, variant in chosen.items()}
