@@ -281,21 +281,15 @@ def find_shared_run(workdir: pathlib.Path, key: str, steps: int, exclude: pathli
     return None
 
 
-def save_record(run_dir: pathlib.Path, record_dir: pathlib.Path, key: str) -> bool:
-    """Copy a finished or diverged run's small files to `record_dir` (RECORD_FILES; metrics gzipped) when the run
-    was trained from the config with hash `key`; True when it did. A run whose stored hash differs (trained
-    from another config, or hashed by an older rule) would give the record a key no variant has, so the
-    record is left as it is."""
-    run_key = run_dir / KEY_FILE
-    if run_key.exists() and run_key.read_text().strip() != key:
-        return False
+def save_record(run_dir: pathlib.Path, record_dir: pathlib.Path) -> None:
+    """Copy a finished or diverged run's small files to `record_dir` (RECORD_FILES; metrics gzipped). `main`
+    has refused run dirs of another config (`stale_runs`) before, so the run's hash file is its variant's."""
     record_dir.mkdir(parents=True, exist_ok=True)
     for file in _PLAIN_RECORD_FILES:
         if (run_dir / file).exists():
             shutil.copyfile(run_dir / file, record_dir / file)
     metrics = (run_dir / "metrics.jsonl").read_bytes()
     (record_dir / RECORD_METRICS).write_bytes(gzip.compress(metrics, mtime=0))  # mtime 0: same run, same bytes
-    return True
 
 
 def restore_record(run_dir: pathlib.Path, record_dir: pathlib.Path, key: str, steps: int) -> bool:
@@ -411,10 +405,8 @@ def main(argv: Optional[list] = None) -> int:
             run_dir = run_dir if shared is None or run_state(run_dir, int(cfg.train.steps)) != "todo" else shared
         else:
             run_dir = run_variant(name, variant, run_dir, workdir, reuse=not args.no_reuse)
-        if (not args.no_records and run_state(run_dir, int(cfg.train.steps)) != "todo"
-                and not save_record(run_dir, records / slug(name), config_key(cfg))):
-            print(f"[sweep] {name}: {run_dir / KEY_FILE} holds another config hash than the variant's "
-                  f"({config_key(cfg)}); its record was not written", flush=True)
+        if not args.no_records and run_state(run_dir, int(cfg.train.steps)) != "todo":
+            save_record(run_dir, records / slug(name))
         summaries[name] = summarize(name, run_dir, variant, cfg)
     paths = write_results(sweep, summaries, args.scale, pathlib.Path(args.results_dir), command)
     print("[sweep] wrote " + ", ".join(str(p) for p in paths), flush=True)

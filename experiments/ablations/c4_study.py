@@ -52,14 +52,12 @@ of the Switch-minus-dense gap against the seed noise can be compared at this sca
 def sentencepiece(vocab_size: int) -> tuple[str, int]:
     """(path, pieces) of a SentencePiece model trained on the training split (trained once, then reused)."""
     from moe_jax.data import sources, tokenizers
-    from moe_jax import train
 
     path = TOKENIZER_DIR / f"c4_sample_unigram_{vocab_size}.model"
     if not path.exists():
         TOKENIZER_DIR.mkdir(parents=True, exist_ok=True)
-        data = train.default_config().data
-        data.update({k.split(".", 1)[1]: v for k, v in REAL_TEXT.items() if k.startswith("data.")})
-        tokenizers.train_sentencepiece(sources.load_texts(data, "train"), vocab_size=vocab_size, output=str(path))
+        tokenizers.train_sentencepiece(sources.load_texts(_real_text_data(), "train"), vocab_size=vocab_size,
+                                       output=str(path))
     return str(path), tokenizers.SentencePieceTokenizer(str(path)).vocab_size
 
 
