@@ -328,3 +328,18 @@ def test_config_keys_do_not_depend_on_where_the_checkout_is(monkeypatch):
     assert key_with_root(pathlib.Path("/somewhere/else/moe_jax")) == here
     assert key_with_root(pathlib.Path("/somewhere/else/moe_jax")) != sweep.config_key(sweep.load_config(
         sweep.Variant("experiments/tiny_dense.py", {"data.tokenizer": "byte"})))
+
+
+def test_the_c4_recipe_is_the_study_pair_it_reports():
+    """c4_tiny_*.py quote the study's `d 64 900 steps` numbers, so their configs must be those runs' configs
+    (logging and checkpoint cadence aside)."""
+    from experiments import c4_tiny_dense, c4_tiny_switch
+
+    study = sweep.load_sweep("experiments/ablations/c4_study.py").variants
+    for kind, module in (("dense", c4_tiny_dense), ("switch-8", c4_tiny_switch)):
+        measured = sweep.load_config(study[f"{kind} d 64 900 steps seed 0"])
+        recipe = module.get_config()
+        recipe.data.paths = measured.data.paths
+        for cfg in (measured, recipe):
+            cfg.train.log_every, cfg.train.checkpoint_every = 0, 0
+        assert recipe.to_dict() == measured.to_dict(), kind
