@@ -371,6 +371,35 @@ def curves(runs: list) -> list[Curve]:
     return out
 
 
+
+def mean_curves(results: dict) -> dict[str, Curve]:
+    """{point: the mean curve of its finished seeds} ("<point> seed <n>" variants; others are their own point)."""
+    out = {}
+    for c in curves([s for s in results.values() if s.status == "finished"]):
+        label = c.label.split(" (")[0]  # "<point> (mean ± std, n seeds)", or one run "<point> seed <n>"
+        out[label.rpartition(SEED_SUFFIX)[0] or label] = c
+    return out
+
+
+def steps_to_reach(curve: Curve, target: float) -> float:
+    """First step at which a curve's eval CE <= target, interpolated between evaluations (nan: never)."""
+    previous = (0, float("inf"))
+    for step, ce in zip(curve.steps, curve.ce):
+        if ce <= target:
+            p_step, p_ce = previous
+            return float(step) if not math.isfinite(p_ce) else p_step + (step - p_step) * (p_ce - target) / (p_ce - ce)
+        previous = (step, ce)
+    return float("nan")
+
+
+def step_speedup(baseline: Curve, other: Curve) -> float:
+    """The baseline's steps to its own final loss over `other`'s steps to that loss (nan: never reached)."""
+    if not baseline.ce:
+        return float("nan")
+    target = baseline.ce[-1]
+    return steps_to_reach(baseline, target) / steps_to_reach(other, target)
+
+
 def plot(summaries: dict, path: pathlib.Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")

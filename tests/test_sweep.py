@@ -3,6 +3,7 @@ identical configs share a run, --print_commands prints runnable commands, and ba
 
 import csv
 import json
+import math
 import os
 import pathlib
 import shlex
@@ -262,6 +263,24 @@ def test_points_are_compared_over_their_seeds_against_the_noise():
     assert "far (-0.2100, -10.5 stds)" in sentence and "near" not in sentence
     table = sweep_results.comparison_table([dense, near, far], "dense")
     assert table[3].startswith("| near | 2.0100 ± 0.0200 (3) | -0.0100 | -0.5 |") and table[4].endswith("| yes |")
+
+
+def test_step_speedup_interpolates_where_the_mean_curve_reaches_the_baselines_final_loss():
+    from moe_jax import sweep_results
+
+    results = {f"{point} seed {seed}": fake_run(f"{point} seed {seed}", ce)
+               for point, ces in {"dense": (2.0, 2.0), "moe": (1.9, 1.9), "worse": (2.1, 2.1)}.items()
+               for seed, ce in enumerate(ces)}
+    means = sweep_results.mean_curves(results)
+    assert set(means) == {"dense", "moe", "worse"}
+    # dense reaches 2.0 at step 300; moe's curve (2.4, 2.3, ..., 1.9 at 50..300) reaches it at step 250
+    assert sweep_results.step_speedup(means["dense"], means["moe"]) == pytest.approx(300 / 250)
+    assert math.isnan(sweep_results.step_speedup(means["dense"], means["worse"]))
+    c4_study = sweep.load_sweep("experiments/ablations/c4_study.py")
+    study = {n: fake_run(n, 2.0 - 0.1 * n.startswith("switch")) for n in c4_study.variants}
+    row = next(line for line in c4_study.module.analysis(study, "laptop").splitlines()
+               if line.startswith("| switch-8 d 64 900 steps"))
+    assert row.endswith("| 1.20× |")
 
 
 @pytest.mark.parametrize("name", ["num_experts", "capacity_factor", "init_scale"])

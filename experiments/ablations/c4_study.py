@@ -33,7 +33,7 @@ import math
 
 from experiments.ablations.c4_byte import REAL_TEXT
 from moe_jax import sweep
-from moe_jax.sweep_results import seed_stats
+from moe_jax.sweep_results import mean_curves, seed_stats, step_speedup
 
 TOKENIZER_DIR = sweep.REPO / "runs" / "tokenizers"
 SEEDS = (0, 1, 2)
@@ -149,11 +149,12 @@ def _point(name):
 
 def analysis(results, scale):
     configs = variants(scale)
+    means = mean_curves(results)
     by_point = {}
     for name, summary in results.items():
         by_point.setdefault(_point(name), []).append(summary)
     rows = ["| point | dense eval CE, mean ± std (n) | switch | switch − dense | in seed stds | "
-            "bits/byte, dense → switch |", "|---|---|---|---|---|---|"]
+            "bits/byte, dense → switch | step speed-up |", "|---|---|---|---|---|---|---|"]
     for (model, label), moe in by_point.items():
         if model == "dense":
             continue
@@ -167,9 +168,14 @@ def analysis(results, scale):
         if math.isfinite(dm) and math.isfinite(mm):
             factor = held_out_tokens_per_byte(tokenizer) / math.log(2)
             bpb = f"{dm * factor:.4f} → {mm * factor:.4f}"
+        dense_curve, moe_curve = means.get(f"dense {baseline}".strip()), means.get(f"{model} {label}".strip())
+        speedup = step_speedup(dense_curve, moe_curve) if dense_curve and moe_curve else float("nan")
         point = f"{model} {label}".strip() + f" (vs dense{' ' + baseline if baseline else ''})"
         rows.append(f"| {point} | {sweep.num(dm)} ± {sweep.num(ds)} ({dn}) | {sweep.num(mm)} ± {sweep.num(ms)} "
-                    f"({mn}) | {sweep.num(mm - dm, '+.4f')} | {sweep.num(in_stds, '+.1f')} | {bpb} |")
+                    f"({mn}) | {sweep.num(mm - dm, '+.4f')} | {sweep.num(in_stds, '+.1f')} | {bpb} | "
+                    f"{sweep.num(speedup, '.2f')}{'×' if math.isfinite(speedup) else ''} |")
     return "\n".join(rows) + (
         "\n\nEval CE is in nats per token of each run's own tokenizer (per byte for bytes); 'in seed stds' is the "
-        "gap over the larger of the two seed standard deviations (|x| > 3 is the issue's bar).")
+        "gap over the larger of the two seed standard deviations (|x| > 3 is the issue's bar); 'step speed-up' is "
+        "dense's steps to its final mean eval CE over the MoE model's steps to the same loss (seed-mean curves, "
+        "interpolated between evaluations; – where the MoE model never reaches it).")

@@ -16,7 +16,8 @@ Expected: see experiments/results/num_experts.md (2-core CPU, 2-5 minutes per ru
 import math
 
 from moe_jax import sweep
-from moe_jax.sweep_results import compare_points, comparison_table, curves, noise_sentence, seed_groups
+from moe_jax.sweep_results import (compare_points, comparison_table, mean_curves, noise_sentence, seed_groups,
+                                   step_speedup)
 
 EXPERTS = (2, 4, 8, 16, 32)
 SEEDS = (0, 1, 2)
@@ -43,29 +44,13 @@ def variants(scale):
     return out
 
 
-def _steps_to_reach(curve, target: float) -> float:
-    """First step at which a (mean) curve's eval CE <= target, interpolated between evaluations (nan: never)."""
-    previous = (0, float("inf"))
-    for step, ce in zip(curve.steps, curve.ce):
-        if ce <= target:
-            p_step, p_ce = previous
-            return float(step) if not math.isfinite(p_ce) else p_step + (step - p_step) * (p_ce - target) / (p_ce - ce)
-        previous = (step, ce)
-    return float("nan")
-
-
 def speedups(results) -> dict:
     """{point: dense's steps to its final mean loss / the point's steps to the same loss} on mean curves."""
-    mean_curves = {}
-    for c in curves([s for s in results.values() if s.status == "finished"]):
-        label = c.label.split(" (")[0]  # "<point> (mean ± std, n seeds)", or one run "<point> seed <n>"
-        mean_curves[label.rpartition(" seed ")[0] or label] = c
-    dense = mean_curves.get("dense")
-    if dense is None or not dense.ce:
+    means = mean_curves(results)
+    dense = means.get("dense")
+    if dense is None:
         return {}
-    target = dense.ce[-1]
-    return {point: _steps_to_reach(dense, target) / _steps_to_reach(c, target)
-            for point, c in mean_curves.items() if point != "dense"}
+    return {point: step_speedup(dense, c) for point, c in means.items() if point != "dense"}
 
 
 def analysis(results, scale, corpus="the synthetic corpus"):
