@@ -371,7 +371,6 @@ def curves(runs: list) -> list[Curve]:
     return out
 
 
-
 def mean_curves(results: dict) -> dict[str, Curve]:
     """{point: the mean curve of its finished seeds} ("<point> seed <n>" variants; others are their own point)."""
     out = {}

@@ -168,9 +168,10 @@ def analysis(results, scale):
         if math.isfinite(dm) and math.isfinite(mm):
             factor = held_out_tokens_per_byte(tokenizer) / math.log(2)
             bpb = f"{dm * factor:.4f} → {mm * factor:.4f}"
-        dense_curve, moe_curve = means.get(f"dense {baseline}".strip()), means.get(f"{model} {label}".strip())
+        moe_point = f"{model} {label}".strip()
+        dense_curve, moe_curve = means.get(f"dense {baseline}".strip()), means.get(moe_point)
         speedup = step_speedup(dense_curve, moe_curve) if dense_curve and moe_curve else float("nan")
-        point = f"{model} {label}".strip() + f" (vs dense{' ' + baseline if baseline else ''})"
+        point = moe_point + f" (vs dense{' ' + baseline if baseline else ''})"
         rows.append(f"| {point} | {sweep.num(dm)} ± {sweep.num(ds)} ({dn}) | {sweep.num(mm)} ± {sweep.num(ms)} "
                     f"({mn}) | {sweep.num(mm - dm, '+.4f')} | {sweep.num(in_stds, '+.1f')} | {bpb} | "
                     f"{sweep.num(speedup, '.2f')}{'×' if math.isfinite(speedup) else ''} |")
