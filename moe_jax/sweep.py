@@ -273,7 +273,8 @@ def stale_runs(sweep_name: str, chosen: dict, workdir: pathlib.Path) -> list[pat
 
 
 def find_shared_run(workdir: pathlib.Path, key: str, steps: int, exclude: pathlib.Path):
-    """A finished (or diverged) run of the same config anywhere under `workdir/<sweep>/<variant>`."""
+    """A finished (or diverged) run of the same config anywhere under `workdir/<sweep>/<variant>` (run dirs,
+    or the records under `<results>/records`, which have the same layout)."""
     for key_file in sorted(workdir.glob(f"*/*/{KEY_FILE}")):
         run_dir = key_file.parent
         if run_dir != exclude and key_file.read_text().strip() == key and run_state(run_dir, steps) != "todo":
@@ -306,6 +307,16 @@ def restore_record(run_dir: pathlib.Path, record_dir: pathlib.Path, key: str, st
             shutil.copyfile(record_dir / file, run_dir / file)
     (run_dir / "metrics.jsonl").write_bytes(gzip.decompress((record_dir / RECORD_METRICS).read_bytes()))
     return True
+
+
+def restore_from_records(run_dir: pathlib.Path, own_record: pathlib.Path, key: str, steps: int, *,
+                         reuse: bool = True) -> Optional[pathlib.Path]:
+    """Fill a not-yet-finished `run_dir` from the variant's own record or, with `reuse`, from any sweep's
+    record of the same config (`<results>/records/<sweep>/<variant>`): the record it used, or None."""
+    if restore_record(run_dir, own_record, key, steps):
+        return own_record
+    other = find_shared_run(own_record.parents[1], key, steps, own_record) if reuse else None
+    return other if other is not None and restore_record(run_dir, other, key, steps) else None
 
 
 def run_variant(name: str, variant: Variant, run_dir: pathlib.Path, workdir: pathlib.Path, *,
@@ -397,15 +408,20 @@ def main(argv: Optional[list] = None) -> int:
     for name, variant in chosen.items():
         run_dir = workdir / sweep.name / slug(name)
         cfg = load_config(variant)
-        if restore and restore_record(run_dir, records / slug(name), config_key(cfg), int(cfg.train.steps)):
-            print(f"[sweep] {name}: restored from its record in {records / slug(name)}", flush=True)
+        key, steps = config_key(cfg), int(cfg.train.steps)
+        # Another sweep's record of the same config is the fallback: a run dir of it here is reused as it is.
+        reuse_records = not args.no_reuse and find_shared_run(workdir, key, steps, run_dir) is None
+        record = (restore_from_records(run_dir, records / slug(name), key, steps, reuse=reuse_records)
+                  if restore else None)
+        if record is not None:
+            whose = "its record" if record == records / slug(name) else "the record of an identical config"
+            print(f"[sweep] {name}: restored from {whose} in {record}", flush=True)
         if args.results_only:
-            shared = None if args.no_reuse else find_shared_run(workdir, config_key(cfg), int(cfg.train.steps),
-                                                                run_dir)
-            run_dir = run_dir if shared is None or run_state(run_dir, int(cfg.train.steps)) != "todo" else shared
+            shared = None if args.no_reuse else find_shared_run(workdir, key, steps, run_dir)
+            run_dir = run_dir if shared is None or run_state(run_dir, steps) != "todo" else shared
         else:
             run_dir = run_variant(name, variant, run_dir, workdir, reuse=not args.no_reuse)
-        if not args.no_records and run_state(run_dir, int(cfg.train.steps)) != "todo":
+        if not args.no_records and run_state(run_dir, steps) != "todo":
             save_record(run_dir, records / slug(name))
         summaries[name] = summarize(name, run_dir, variant, cfg)
     paths = write_results(sweep, summaries, args.scale, pathlib.Path(args.results_dir), command)

@@ -120,6 +120,18 @@ def test_sweep_runs_writes_results_and_skips_finished(tmp_path, one_device, caps
                        "--variants=index"]) == 0
     assert "reused" in capsys.readouterr().out
     assert not (workdir / "other" / "index" / "metrics.jsonl").exists()
+    # ... and on a fresh machine (an empty workdir, records only) a third sweep restores it from the toy sweep's
+    # record instead of training it; --no_reuse trains it.
+    third = write_sweep(tmp_path, SWEEP_FILE.replace('"einsum": b.override', '"unused": b.override'), "third")
+    assert sweep.main([f"--sweep={third}", f"--workdir={tmp_path / 'fresh'}", f"--results_dir={results}",
+                       "--variants=index"]) == 0
+    out = capsys.readouterr().out
+    assert "restored from the record of an identical config" in out and "python -m moe_jax.main" not in out
+    assert (results / "records" / "third" / "index" / sweep.KEY_FILE).read_text() == (
+        results / "records" / "toy" / "index" / sweep.KEY_FILE).read_text()
+    assert sweep.main([f"--sweep={third}", f"--workdir={tmp_path / 'fresher'}", f"--results_dir={results}",
+                       "--variants=unused", "--no_reuse", "--no_records"]) == 0
+    assert "python -m moe_jax.main" in capsys.readouterr().out
 
     # --results_only trains nothing: the finished run (here the toy sweep's identical one) is reported, the
     # variant that never ran is listed as todo.
@@ -299,7 +311,8 @@ def test_headline_sweeps_run_three_seeds_at_full_length_and_analyse_them(name):
 @pytest.mark.parametrize("name", ["num_experts", "capacity_factor", "init_scale"])
 def test_headline_sweeps_on_the_c4_recipe_are_their_twins_on_c4_tiny_data(name):
     """<name>_c4.py: the same points and seeds, each run with c4_tiny_*.py's data and length (900 steps, the
-    same share of evaluations), and an analysis that reads those steps (init_scale's 'early' is a third)."""
+    study's 5 evaluations), and an analysis that reads those steps (init_scale's 'early': the first evaluation
+    past a third); the points it shares with the recipe are the study's `d 64 900 steps` configs."""
     from experiments import c4_tiny_dense
 
     synthetic = sweep.load_sweep(f"experiments/ablations/{name}.py").variants
@@ -312,14 +325,19 @@ def test_headline_sweeps_on_the_c4_recipe_are_their_twins_on_c4_tiny_data(name):
             recipe.train.steps, "jsonl", recipe.data.tokenizer, recipe.model.vocab_size)
         assert cfg.data.paths.endswith("c4_sample.jsonl.gz") and cfg.data.eval_fraction == 0.05
         assert (cfg.model.d_model, cfg.model.d_ff) == (recipe.model.d_model, recipe.model.d_ff)
-        assert cfg.train.eval_every == 3 * synthetic[variant_name].overrides["train.eval_every"]
+        # the study's cadence (5 evaluations), so the points it shares with the recipe are the study's runs
+        assert (cfg.train.eval_every, cfg.train.checkpoint_every) == (180, 900)
         twin = {k: v for k, v in synthetic[variant_name].overrides.items() if not k.startswith(("train.", "data."))}
         assert {k: variant.overrides[k] for k in twin} == twin  # the point's own settings are kept
+    study = sweep.load_sweep("experiments/ablations/c4_study.py").variants
+    recipe_runs = {sweep.config_key(sweep.load_config(v)) for n, v in study.items() if " d 64 900 steps " in n}
+    shared = [n for n, v in on_c4.variants.items() if sweep.config_key(sweep.load_config(v)) in recipe_runs]
+    assert len(shared) == {"num_experts": 6, "capacity_factor": 3, "init_scale": 3}[name]
     results = {n: fake_run(n, 2.0 + 0.01 * i, steps=900) for i, n in enumerate(on_c4.variants)}
     text = on_c4.module.analysis(results, "laptop")
     assert "±" in text and "seed std" in text and "300 steps" not in text
     if name == "init_scale":
-        assert "eval CE at step 300" in text
+        assert "eval CE at step 360" in text  # the first evaluation past a third of the run
 
 
 def test_upcycling_analysis_compares_each_seed_with_its_own_dense_continuation():

@@ -9,9 +9,9 @@ Expected: see experiments/results/init_scale_c4.md (2-core CPU, about 5 minutes 
 """
 
 from experiments.ablations import init_scale
-from experiments.ablations.on_c4 import c4_twin, stretch
+from experiments.ablations.on_c4 import c4_twin, first_eval_at_or_after, stretch
 
 COLUMNS = init_scale.COLUMNS
 PAPER = init_scale.PAPER
-# "Early": the same share of the run as the synthetic sweep's EARLY_STEP.
-variants, analysis = c4_twin(init_scale, early_step=round(init_scale.EARLY_STEP * stretch(init_scale)))
+# "Early": the first evaluation at or after the synthetic sweep's share of the run (a third: step 300 -> 360).
+variants, analysis = c4_twin(init_scale, early_step=first_eval_at_or_after(init_scale.EARLY_STEP * stretch(init_scale)))
