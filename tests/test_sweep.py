@@ -293,6 +293,7 @@ def test_step_speedup_interpolates_where_the_mean_curve_reaches_the_baselines_fi
     row = next(line for line in c4_study.module.analysis(study, "laptop").splitlines()
                if line.startswith("| switch-8 d 64 900 steps"))
     assert row.endswith("| 1.20× |")
+    assert "| -0.1000 ± 0.0000 (5 of 5) |" in row  # the recipe's point pairs its five seeds
 
 
 @pytest.mark.parametrize("name", ["num_experts", "capacity_factor", "init_scale"])

@@ -149,6 +149,17 @@ def _point(name):
     return model, label
 
 
+def _paired(dense, moe) -> str:
+    """'mean ± std. error (ahead in k of n)' of the per-seed Switch-minus-dense gaps; '–' with under 2 pairs."""
+    dense_by_seed = {s.name.rsplit(" seed ", 1)[1]: s.final_ce for s in dense}
+    gaps = [s.final_ce - dense_by_seed[seed] for s in moe
+            if (seed := s.name.rsplit(" seed ", 1)[1]) in dense_by_seed]
+    mean, std, n = seed_stats(gaps)
+    if n < 2:
+        return "–"
+    return f"{mean:+.4f} ± {std / math.sqrt(n):.4f} ({sum(g < 0 for g in gaps)} of {n})"
+
+
 def analysis(results, scale):
     configs = variants(scale)
     means = mean_curves(results)
@@ -156,7 +167,8 @@ def analysis(results, scale):
     for name, summary in results.items():
         by_point.setdefault(_point(name), []).append(summary)
     rows = ["| point | dense eval CE, mean ± std (n) | switch | switch − dense | in seed stds | "
-            "bits/byte, dense → switch | step speed-up |", "|---|---|---|---|---|---|---|"]
+            "paired gap ± std. error (ahead in) | bits/byte, dense → switch | step speed-up |",
+            "|---|---|---|---|---|---|---|---|"]
     for (model, label), moe in by_point.items():
         if model == "dense":
             continue
@@ -175,10 +187,13 @@ def analysis(results, scale):
         speedup = step_speedup(dense_curve, moe_curve) if dense_curve and moe_curve else float("nan")
         point = moe_point + f" (vs dense{' ' + baseline if baseline else ''})"
         rows.append(f"| {point} | {sweep.num(dm)} ± {sweep.num(ds)} ({dn}) | {sweep.num(mm)} ± {sweep.num(ms)} "
-                    f"({mn}) | {sweep.num(mm - dm, '+.4f')} | {sweep.num(in_stds, '+.1f')} | {bpb} | "
+                    f"({mn}) | {sweep.num(mm - dm, '+.4f')} | {sweep.num(in_stds, '+.1f')} | "
+                    f"{_paired(dense, moe)} | {bpb} | "
                     f"{sweep.num(speedup, '.2f')}{'×' if math.isfinite(speedup) else ''} |")
     return "\n".join(rows) + (
         "\n\nEval CE is in nats per token of each run's own tokenizer (per byte for bytes); 'in seed stds' is the "
-        "gap over the larger of the two seed standard deviations (|x| > 3 is the issue's bar); 'step speed-up' is "
+        "gap over the larger of the two seed standard deviations (|x| > 3 is the issue's bar); 'paired gap' is the "
+        "mean of each seed's Switch-minus-dense gap (both runs of a seed see the same data order) with its standard "
+        "error and the seeds where Switch is ahead; 'step speed-up' is "
         "dense's steps to its final mean eval CE over the MoE model's steps to the same loss (seed-mean curves, "
         "interpolated between evaluations; – where the MoE model never reaches it).")
