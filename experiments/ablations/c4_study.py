@@ -87,12 +87,12 @@ def variants(scale):
     _pair(scale, out, "sp8k", **_tokenizer(8000))
     _pair(scale, out, "sp8k 900 steps", steps=900, **_tokenizer(8000))  # where sp8k's lead at 300 steps goes
     # more training tokens per parameter: half the width, 3x and 6x the steps
-    # the recipe's point, with two more seeds: its seed std decides the 3-std bar
+    # the recipe's candidates get two more seeds: their seed std decides the 3-std bar
     _pair(scale, out, "d 64 900 steps", steps=900, seeds=RECIPE_SEEDS, **NARROW)
     _pair(scale, out, "every layer", dense=False, **{"model.moe.every": 1})
     _pair(scale, out, "top-2 d_ff 256", experts=16, dense=False,
           **{"model.moe.k": 2, "model.moe.d_ff": 256})  # fine-grained experts, the same active FLOPs
-    _pair(scale, out, "d 64 1800 steps", steps=1800, **NARROW)
+    _pair(scale, out, "d 64 1800 steps", steps=1800, seeds=RECIPE_SEEDS, **NARROW)
     _pair(scale, out, "8 layers", **{"model.num_layers": 8})  # depth: twice the layers, MoE in every other
     _pair(scale, out, "dropless", dense=False, **{"model.moe.dispatcher": "dropless"})
     _pair(scale, out, "", experts=16, dense=False)
