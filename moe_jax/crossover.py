@@ -6,6 +6,8 @@ weights 1 / (standard error of the point's mean gap)^2, and the crossover is whe
 Its range moves the slope by two standard errors about the weighted centre of the points (the slope's
 uncertainty only: with two or three lengths the intercept's adds little the slope's does not already cover).
 A slope whose two-standard-error range reaches the wrong sign means no crossover can be extrapolated.
+A gap moving away from zero has its sign change behind it instead: `sign_change` is where the line was zero,
+below the lengths that show the gap (e.g. where the MoE model's lead opened).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class GapTrend:
     crossover: float
     crossover_low: float
     crossover_high: float
+    # where a gap moving away from zero was zero (nan otherwise; a bound of 0: that slope never was zero)
+    sign_change: float = float("nan")
+    sign_change_low: float = float("nan")
+    sign_change_high: float = float("nan")
 
     @property
     def slope_per_doubling(self) -> float:
@@ -78,8 +84,16 @@ def fit_gap_trend(points: list[GapPoint]) -> GapTrend:
             return math.inf
         return math.exp(x_centre - y_centre / b)
 
-    bounds = sorted((zero_at(slope - 2 * slope_stderr), zero_at(slope + 2 * slope_stderr)))
-    return GapTrend(slope, slope_stderr, y_centre - slope * x_centre, zero_at(slope), *bounds)
+    def was_zero_at(b: float) -> float:
+        if b == 0 or (b > 0) != (slope > 0):  # this slope moves towards zero (or not at all) as tokens grow
+            return 0.0
+        return math.exp(x_centre - y_centre / b)
+
+    slopes = (slope - 2 * slope_stderr, slope + 2 * slope_stderr)
+    bounds = sorted(zero_at(b) for b in slopes)
+    past = (was_zero_at(slope), *sorted(was_zero_at(b) for b in slopes)) if math.isinf(zero_at(slope)) and slope \
+        else (float("nan"),) * 3
+    return GapTrend(slope, slope_stderr, y_centre - slope * x_centre, zero_at(slope), *bounds, *past)
 
 
 def describe(trend: GapTrend, unit: str = "tokens") -> str:
@@ -90,6 +104,12 @@ def describe(trend: GapTrend, unit: str = "tokens") -> str:
                 f"nats per doubling of the training {unit} (± one standard error)")
     if not trend.slope_beyond_noise:
         sentence += ", within two standard errors of no change"
+    if math.isinf(trend.crossover) and math.isfinite(trend.sign_change):
+        side = "ahead" if trend.slope < 0 else "behind"
+        low = "no sign change at all" if trend.sign_change_low == 0 else f"{trend.sign_change_low:.3g}"
+        return (sentence + f"; the gap grows away from zero, so there is no crossover ahead; going back, the line "
+                f"was zero at {trend.sign_change:.3g} {unit} (slope ± 2 standard errors: {low} to "
+                f"{trend.sign_change_high:.3g}): from there on the MoE model is {side}.")
     if math.isinf(trend.crossover):
         return sentence + "; along it the gap does not reach zero: no crossover can be extrapolated."
     high = "no crossover at all" if math.isinf(trend.crossover_high) else f"{trend.crossover_high:.3g}"

@@ -30,8 +30,13 @@ def test_a_clear_trend_is_extrapolated_to_where_the_line_is_zero():
     closing = fit_gap_trend(line_points(-0.07, 0.004, 0.001))
     assert closing.crossover == pytest.approx(math.exp(0.07 / 0.004))
     assert "reaches zero (the MoE model's lead would close) at 3.98e+07 tokens" in describe(closing)
-    # A gap that is already past zero inside the measured range is not a future crossover.
-    assert math.isinf(fit_gap_trend(line_points(0.05, -0.004, 0.001)).crossover)
+    # A gap that is already past zero inside the measured range is not a future crossover: its sign change lies
+    # behind it, at exp(0.05 / 0.004) = 2.68e5 tokens, where the MoE model's lead opened.
+    opened = fit_gap_trend(line_points(0.05, -0.004, 0.001))
+    assert math.isinf(opened.crossover) and opened.sign_change == pytest.approx(math.exp(0.05 / 0.004))
+    assert 0 < opened.sign_change_low < opened.sign_change < opened.sign_change_high
+    assert "going back, the line was zero at 2.68e+05 tokens" in describe(opened)
+    assert "the MoE model is ahead" in describe(opened)
 
 
 def test_a_slope_inside_its_noise_gives_no_upper_bound_and_says_so():
@@ -40,7 +45,9 @@ def test_a_slope_inside_its_noise_gives_no_upper_bound_and_says_so():
     assert "within two standard errors of no change" in describe(trend) and "no crossover at all" in describe(trend)
     # A gap growing with training never reaches zero.
     growing = fit_gap_trend(line_points(0.0, 0.003, 0.0005))
-    assert math.isinf(growing.crossover) and "no crossover can be extrapolated" in describe(growing)
+    assert math.isinf(growing.crossover) and "no crossover ahead" in describe(growing)
+    assert growing.sign_change == pytest.approx(1.0) and "the MoE model is behind" in describe(growing)
+    assert math.isnan(trend.sign_change)  # a gap moving towards zero has no sign change behind it
 
 
 def test_one_length_or_one_seed_is_no_trend():

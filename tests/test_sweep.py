@@ -311,9 +311,9 @@ def test_headline_sweeps_run_three_seeds_at_full_length_and_analyse_them(name):
 
 @pytest.mark.parametrize("name", ["num_experts", "capacity_factor", "init_scale"])
 def test_headline_sweeps_on_the_c4_recipe_are_their_twins_on_c4_tiny_data(name):
-    """<name>_c4.py: the same points and seeds, each run with c4_tiny_*.py's data and length (900 steps, the
+    """<name>_c4.py: the same points and seeds, each run with c4_tiny_*.py's data and length (1800 steps, the
     study's 5 evaluations), and an analysis that reads those steps (init_scale's 'early': the first evaluation
-    past a third); the points it shares with the recipe are the study's `d 64 900 steps` configs."""
+    past a third); the points it shares with the recipe are the study's `d 64 1800 steps` configs."""
     from experiments import c4_tiny_dense
 
     synthetic = sweep.load_sweep(f"experiments/ablations/{name}.py").variants
@@ -327,18 +327,18 @@ def test_headline_sweeps_on_the_c4_recipe_are_their_twins_on_c4_tiny_data(name):
         assert cfg.data.paths.endswith("c4_sample.jsonl.gz") and cfg.data.eval_fraction == 0.05
         assert (cfg.model.d_model, cfg.model.d_ff) == (recipe.model.d_model, recipe.model.d_ff)
         # the study's cadence (5 evaluations), so the points it shares with the recipe are the study's runs
-        assert (cfg.train.eval_every, cfg.train.checkpoint_every) == (180, 900)
+        assert (cfg.train.eval_every, cfg.train.checkpoint_every) == (recipe.train.steps // 5, recipe.train.steps)
         twin = {k: v for k, v in synthetic[variant_name].overrides.items() if not k.startswith(("train.", "data."))}
         assert {k: variant.overrides[k] for k in twin} == twin  # the point's own settings are kept
     study = sweep.load_sweep("experiments/ablations/c4_study.py").variants
-    recipe_runs = {sweep.config_key(sweep.load_config(v)) for n, v in study.items() if " d 64 900 steps " in n}
+    recipe_runs = {sweep.config_key(sweep.load_config(v)) for n, v in study.items() if " d 64 1800 steps " in n}
     shared = [n for n, v in on_c4.variants.items() if sweep.config_key(sweep.load_config(v)) in recipe_runs]
     assert len(shared) == {"num_experts": 6, "capacity_factor": 3, "init_scale": 3}[name]
-    results = {n: fake_run(n, 2.0 + 0.01 * i, steps=900) for i, n in enumerate(on_c4.variants)}
+    results = {n: fake_run(n, 2.0 + 0.01 * i, steps=1800) for i, n in enumerate(on_c4.variants)}
     text = on_c4.module.analysis(results, "laptop")
     assert "±" in text and "seed std" in text and "300 steps" not in text
     if name == "init_scale":
-        assert "eval CE at step 360" in text  # the first evaluation past a third of the run
+        assert "eval CE at step 720" in text  # the first evaluation past a third of the run
 
 
 def test_upcycling_analysis_compares_each_seed_with_its_own_dense_continuation():
@@ -369,13 +369,13 @@ def test_config_keys_do_not_depend_on_where_the_checkout_is(monkeypatch):
 
 
 def test_the_c4_recipe_is_the_study_pair_it_reports():
-    """c4_tiny_*.py quote the study's `d 64 900 steps` numbers, so their configs must be those runs' configs
+    """c4_tiny_*.py quote the study's `d 64 1800 steps` numbers, so their configs must be those runs' configs
     (logging and checkpoint cadence aside)."""
     from experiments import c4_tiny_dense, c4_tiny_switch
 
     study = sweep.load_sweep("experiments/ablations/c4_study.py").variants
     for kind, module in (("dense", c4_tiny_dense), ("switch-8", c4_tiny_switch)):
-        measured = sweep.load_config(study[f"{kind} d 64 900 steps seed 0"])
+        measured = sweep.load_config(study[f"{kind} d 64 1800 steps seed 0"])
         recipe = module.get_config()
         recipe.data.paths = measured.data.paths
         for cfg in (measured, recipe):

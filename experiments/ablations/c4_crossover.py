@@ -121,10 +121,11 @@ def main(argv=None) -> int:
                   f"{', '.join(f'{g:+.4f}' for g in p.gaps)} | {p.mean:+.4f} ± {p.stderr:.4f} |"
                   for steps, p in points]
         lines += ["", crossover.describe(trend, "bytes")]
-        if math.isfinite(trend.crossover):
+        sign_change = next((t for t in (trend.crossover, trend.sign_change) if math.isfinite(t)), None)
+        if sign_change is not None:
             bytes_per_step = points[0][1].tokens / points[0][0]
-            lines[-1] += (f" At this batch that is {trend.crossover / bytes_per_step:,.0f} steps, "
-                          f"{trend.crossover / split_bytes:.0f} epochs of the sample's training split.")
+            lines[-1] += (f" At this batch that is {sign_change / bytes_per_step:,.0f} steps, "
+                          f"{sign_change / split_bytes:.2g} epochs of the sample's training split.")
         lines += [""]
     lines += ["![gap against training bytes](c4_crossover.png)", ""]
     output.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,12 @@
 """Capacity factor x top-1/top-2 (Switch paper, Table 1) on the C4 recipe: the C4 sample, bytes, d_model 64,
-900 steps, 3 seeds.
+1800 steps, 3 seeds.
 
 experiments/ablations/capacity_factor.py's variants and analysis with experiments/c4_tiny_*.py's width, data, length
 and evaluation (experiments/ablations/on_c4.py):
 
     python -m moe_jax.sweep --sweep=experiments/ablations/capacity_factor_c4.py --workdir=runs/ablations
 
-Expected: see experiments/results/capacity_factor_c4.md (2-core CPU, about 5 minutes per run beside another).
+Expected: see experiments/results/capacity_factor_c4.md (2-core CPU, about 9-10 minutes per run beside another).
 """
 
 from experiments.ablations import capacity_factor

@@ -1,11 +1,11 @@
-"""Number of experts (Switch paper, Figure 4) on the C4 recipe: the C4 sample, bytes, d 64, 900 steps, 3 seeds.
+"""Number of experts (Switch paper, Figure 4) on the C4 recipe: the C4 sample, bytes, d 64, 1800 steps, 3 seeds.
 
 experiments/ablations/num_experts.py's variants and analysis with experiments/c4_tiny_*.py's width, data, length
 and evaluation (experiments/ablations/on_c4.py):
 
     python -m moe_jax.sweep --sweep=experiments/ablations/num_experts_c4.py --workdir=runs/ablations
 
-Expected: see experiments/results/num_experts_c4.md (2-core CPU, about 5 minutes per run beside another).
+Expected: see experiments/results/num_experts_c4.md (2-core CPU, about 9-10 minutes per run beside another).
 """
 
 from experiments.ablations import num_experts

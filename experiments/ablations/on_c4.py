@@ -1,10 +1,10 @@
 """The headline sweeps on the C4 recipe: a synthetic-corpus sweep's variants with the width, data, length and
-evaluation of experiments/c4_tiny_dense.py / c4_tiny_switch.py (d_model 64 / d_ff 256, the C4 sample, bytes, 900
+evaluation of experiments/c4_tiny_dense.py / c4_tiny_switch.py (d_model 64 / d_ff 256, the C4 sample, bytes, 1800
 steps, a fixed 5% of the documents held out, 16 eval batches), everything else as the sweep sets it. Used by
 num_experts_c4.py, capacity_factor_c4.py and init_scale_c4.py; not a sweep itself.
 
 Every run evaluates EVALS times, as the C4 study's runs do: the points these sweeps share with the recipe (dense,
-8 top-1 experts at capacity factor 1.25, 0.1x init) are then the same configs as the study's `d 64 900 steps`
+8 top-1 experts at capacity factor 1.25, 0.1x init) are then the same configs as the study's `d 64 1800 steps`
 runs, which the sweep runner reuses (from their run dirs or their committed records) instead of retraining.
 """
 
