@@ -310,12 +310,16 @@ def restore_record(run_dir: pathlib.Path, record_dir: pathlib.Path, key: str, st
 
 
 def restore_from_records(run_dir: pathlib.Path, own_record: pathlib.Path, key: str, steps: int, *,
-                         reuse: bool = True) -> Optional[pathlib.Path]:
-    """Fill a not-yet-finished `run_dir` from the variant's own record or, with `reuse`, from any sweep's
-    record of the same config (`<results>/records/<sweep>/<variant>`): the record it used, or None."""
+                         reuse_unless_in: Optional[pathlib.Path] = None) -> Optional[pathlib.Path]:
+    """Fill a not-yet-finished `run_dir` from the variant's own record or, given `reuse_unless_in` (the
+    workdir), from any sweep's record of the same config (`<results>/records/<sweep>/<variant>`) when no run
+    dir of it is in that workdir (one there is reused as it is): the record it used, or None."""
     if restore_record(run_dir, own_record, key, steps):
         return own_record
-    other = find_shared_run(own_record.parents[1], key, steps, own_record) if reuse else None
+    if reuse_unless_in is None or run_state(run_dir, steps) != "todo" or find_shared_run(
+            reuse_unless_in, key, steps, run_dir) is not None:
+        return None
+    other = find_shared_run(own_record.parents[1], key, steps, own_record)
     return other if other is not None and restore_record(run_dir, other, key, steps) else None
 
 
@@ -409,10 +413,8 @@ def main(argv: Optional[list] = None) -> int:
         run_dir = workdir / sweep.name / slug(name)
         cfg = load_config(variant)
         key, steps = config_key(cfg), int(cfg.train.steps)
-        # Another sweep's record of the same config is the fallback: a run dir of it here is reused as it is.
-        reuse_records = not args.no_reuse and find_shared_run(workdir, key, steps, run_dir) is None
-        record = (restore_from_records(run_dir, records / slug(name), key, steps, reuse=reuse_records)
-                  if restore else None)
+        record = (restore_from_records(run_dir, records / slug(name), key, steps,
+                                       reuse_unless_in=None if args.no_reuse else workdir) if restore else None)
         if record is not None:
             whose = "its record" if record == records / slug(name) else "the record of an identical config"
             print(f"[sweep] {name}: restored from {whose} in {record}", flush=True)
