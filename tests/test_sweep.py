@@ -341,6 +341,24 @@ def test_headline_sweeps_on_the_c4_recipe_are_their_twins_on_c4_tiny_data(name):
         assert "eval CE at step 720" in text  # the first evaluation past a third of the run
 
 
+@pytest.mark.parametrize("early_gap, reading", [(0.3, "the slower start of the larger init"),
+                                                 (0.0, "neither behind beyond the noise nor less stable")])
+def test_init_scale_analysis_says_what_the_runs_show_instead_of_instability(early_gap, reading):
+    """The closing reading follows the runs: a slow start of 1.0x only when it is behind beyond the noise."""
+    from dataclasses import replace
+
+    from experiments.ablations import init_scale
+
+    results = {}
+    for scale, gap, jump in ((0.1, 0.0, 0.12), (1.0, early_gap, 0.25)):
+        for seed in range(3):
+            run = fake_run(f"{scale:g}x seed {seed}", 2.0 + 0.01 * seed)
+            results[run.name] = replace(run, eval_ce=[ce + gap for ce in run.eval_ce[:-1]] + run.eval_ce[-1:],
+                                        max_train_loss_jump=jump)
+    text = init_scale.analysis(results, "laptop")
+    assert reading in text and "0.250 with 1.0× against 0.120 with 0.1×" in text
+
+
 def test_upcycling_analysis_compares_each_seed_with_its_own_dense_continuation():
     module = sweep.load_sweep("experiments/ablations/upcycle_c4.py")
     ce = {"dense 300": 1.89, "dense +150": 1.81, "upcycled +150": 1.82, "scratch 150": 2.09}
