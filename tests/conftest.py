@@ -1,9 +1,12 @@
-"""Test set-up: eight host CPU devices for the multi-device tests, set before jax is imported."""
+"""Test set-up: eight host CPU devices for the multi-device tests, set before jax is imported, and XLA's fast
+CPU compilation (cli_checks.FAST_COMPILE_FLAGS; subprocesses get the same from cli_checks.cpu_env)."""
 
 import os
 
+from cli_checks import FAST_COMPILE_FLAGS
+
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

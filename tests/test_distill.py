@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cli_checks import assert_user_error, run_cli
+from cli_checks import assert_user_error, cpu_env, run_cli
 from tiny_runs import tiny, tiny_encdec
 from moe_jax import checkpoint, distill, models, train, upcycle
 
@@ -104,11 +104,10 @@ def test_cli_dense_student_of_a_switch_teacher_on_two_devices(teacher_run, tmp_p
     env_flags = [f"--config.distill.teacher_workdir={teacher_run}", "--config.distill.alpha=0.25",
                  "--config.distill.init_from_teacher=True", "--config.train.steps=2", "--config.train.eval_every=2",
                  "--config.mesh.shape=(2,1,1)"]
-    import os
     import subprocess
     import sys
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = cpu_env(devices=2)
     result = subprocess.run([sys.executable, "-m", "moe_jax.main", "--config=experiments/tiny_dense.py", *SMALL,
                              *env_flags, f"--workdir={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)

@@ -6,6 +6,7 @@ import pathlib
 import pytest
 from flax import nnx
 
+from cli_checks import cpu_env
 from moe_jax import model as model_lib, models
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
@@ -62,7 +63,6 @@ def test_the_c4_recipe_trains_from_the_cli_given_only_its_data(tmp_path):
     evaluation on held-out documents."""
     import gzip
     import json
-    import os
     import subprocess
     import sys
 
@@ -77,7 +77,7 @@ def test_the_c4_recipe_trains_from_the_cli_given_only_its_data(tmp_path):
          f"--config.data.paths={data}", "--config.train.steps=2", "--config.train.eval_every=2",
          "--config.train.eval_steps=1", "--config.data.batch_size=4"],
         cwd=EXPERIMENTS.parent, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"})
+        env=cpu_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["data"]["tokenizer"] == "byte" and saved["model"]["vocab_size"] == 259

@@ -8,7 +8,6 @@ devices. Then both processes resume from the checkpoint they wrote together and 
 """
 
 import json
-import os
 import pathlib
 import random
 import signal
@@ -20,6 +19,7 @@ import textwrap
 import jax
 import numpy as np
 
+from cli_checks import cpu_env
 from moe_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,8 +57,7 @@ def start_two_processes(config_path, workdir, cache_dir):
     A second launch in the same test reuses the first one's compiled steps from `cache_dir` (jax's
     persistent compilation cache)."""
     port = free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = cpu_env(devices=4, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     procs = []
     for process_id in range(2):
         args = [sys.executable, "-m", "moe_jax.main", f"--config={config_path}", f"--workdir={workdir}",

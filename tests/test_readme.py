@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+from cli_checks import cpu_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +39,6 @@ def test_readme_train_command_uses_an_existing_config():
 def test_readme_train_command_runs_on_8_devices_without_a_group_size(tmp_path):
     """The README's main command on 8 host devices, as given (plus a short run): the routing group follows the
     devices (4096 tokens per step / 8 = groups of 512), no flag to compute."""
-    import os
     import shlex
 
     line = next(l for l in _readme().splitlines() if l.startswith("python3 -m venv") and "moe_jax.main" in l)
@@ -45,7 +46,7 @@ def test_readme_train_command_runs_on_8_devices_without_a_group_size(tmp_path):
     command = [sys.executable if part == "python" else part for part in command]
     command = [f"--workdir={tmp_path / 'run'}" if part.startswith("--workdir=") else part for part in command]
     command += ["--config.train.steps=2", "--config.train.log_every=1", "--config.train.eval_steps=1"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = cpu_env(devices=8)
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "devices: 8 x cpu" in result.stdout and "routing groups of 512 tokens" in result.stdout, result.stdout

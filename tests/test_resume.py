@@ -1,14 +1,14 @@
-"""Exact resume from disk: a training process killed with SIGKILL at a random step after its first checkpoint,
-rerun with the same command in a fresh process, logs exactly (bitwise) the train losses of an uninterrupted
-run at every step, for each data source and for the encoder-decoder on span corruption. (The 2-process x
-4-device case is in test_multiprocess.py.)
+"""Exact resume from disk: a training process stopped at a random step after its first checkpoint, rerun with the
+same command in a fresh process, logs exactly (bitwise) the train losses of an uninterrupted run at every step.
+Killed with SIGKILL, it resumes from its last periodic checkpoint (jsonl, and text for the encoder-decoder on span
+corruption); asked to stop with SIGTERM (synthetic), it saves at the end of the current step, exits 0 and resumes
+from there. (The 2-process x 4-device SIGKILL case, on the synthetic corpus, is in test_multiprocess.py.)
 
 Both runs are the real CLI in subprocesses with the same environment, so they run the same compiled programs;
 they share jax's persistent compilation cache, so only the first launch of each source compiles.
 """
 
 import json
-import os
 import pathlib
 import random
 import signal
@@ -16,6 +16,8 @@ import subprocess
 import sys
 
 import pytest
+
+from cli_checks import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 14, 4
@@ -58,8 +60,7 @@ def command(workdir, source: str, data_path: str, model: str = "decoder"):
 
 
 def environment(cache_dir) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return cpu_env(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def logged(workdir, key="train/loss") -> list[tuple[int, float]]:
@@ -73,9 +74,10 @@ def finished_checkpoints(workdir) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
 
 
-def run_killed_at_random_step(args, env, workdir, rng) -> tuple[int, str]:
-    """Start the run, SIGKILL it at a random step after its first checkpoint is on disk; (step seen, output)."""
-    kill_at = rng.randint(CHECKPOINT_EVERY + 1, STEPS - 1)
+def run_stopped_at_random_step(args, env, workdir, rng, stop) -> tuple[int, str]:
+    """Start the run, send it `stop` at a random step after its first checkpoint is on disk, and let it end;
+    (the last step it logged before the signal, its whole output)."""
+    stop_at = rng.randint(CHECKPOINT_EVERY + 1, STEPS - 1)
     process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     seen, lines = 0, []
@@ -84,19 +86,25 @@ def run_killed_at_random_step(args, env, workdir, rng) -> tuple[int, str]:
             lines.append(line)
             if line.startswith("step "):
                 seen = int(line.split()[1].split("/")[0])
-            if seen >= kill_at and finished_checkpoints(workdir):
-                process.send_signal(signal.SIGKILL)
+            if seen >= stop_at and finished_checkpoints(workdir):
+                process.send_signal(stop)
                 break
+        lines.append(process.communicate(timeout=TIMEOUT_S)[0])
     finally:
+        process.kill()
         process.wait(timeout=TIMEOUT_S)
     output = "".join(lines)
-    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{output[-3000:]}"
+    expected_code = 0 if stop == signal.SIGTERM else -stop
+    assert process.returncode == expected_code and seen < STEPS, \
+        f"exit {process.returncode}, expected {expected_code} from {stop.name} at step {seen}:\n{output[-3000:]}"
     return seen, output
 
 
-@pytest.mark.parametrize("source, model", [("synthetic", "decoder"), ("jsonl", "decoder"), ("text", "decoder"),
-                                           ("text", "encdec")])
-def test_sigkill_then_rerun_logs_the_uninterrupted_losses_bitwise(tmp_path, source, model):
+@pytest.mark.parametrize("source, model, stop_signal", [("synthetic", "decoder", "SIGTERM"),
+                                                        ("jsonl", "decoder", "SIGKILL"),
+                                                        ("text", "encdec", "SIGKILL")])
+def test_stopped_then_rerun_logs_the_uninterrupted_losses_bitwise(tmp_path, source, model, stop_signal):
+    stop = signal.Signals[stop_signal]
     data_path = write_corpus(tmp_path, source) if source != "synthetic" else ""
     env = environment(tmp_path / "compilation_cache")
     straight = tmp_path / "straight"
@@ -109,16 +117,19 @@ def test_sigkill_then_rerun_logs_the_uninterrupted_losses_bitwise(tmp_path, sour
     rng = random.Random()
     killed = tmp_path / "killed"
     args = command(killed, source, data_path, model)
-    killed_at, first_output = run_killed_at_random_step(args, env, killed, rng)
+    killed_at, first_output = run_stopped_at_random_step(args, env, killed, rng, stop)
     checkpoint = max(finished_checkpoints(killed))
     assert checkpoint >= CHECKPOINT_EVERY
+    if stop == signal.SIGTERM:  # saved where it stopped, at the end of the step under way, not a periodic one
+        assert checkpoint >= killed_at, first_output[-3000:]
+        assert f"interrupted at step {checkpoint}; checkpoint saved, run the same command to resume" in first_output
 
     rerun = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resuming from the step-{checkpoint} checkpoint" in rerun.stdout, rerun.stdout[-2000:]
 
     rows = logged(killed)
-    context = f"{source} ({model}): killed at step {killed_at}, resumed from {checkpoint}"
+    context = f"{source} ({model}): {stop.name} at step {killed_at}, resumed from {checkpoint}"
     assert {step for step, _ in rows} == set(range(1, STEPS + 1)), context
     for step, loss in rows:  # steps logged before the kill and again after the resume: all bitwise equal
         assert loss == expected[step], f"{context}: train/loss at step {step} is {loss!r}, uninterrupted " \

@@ -4,14 +4,13 @@ identical configs share a run, --print_commands prints runnable commands, and ba
 import csv
 import json
 import math
-import os
 import pathlib
 import shlex
 import subprocess
 import sys
 
 import pytest
-from cli_checks import assert_user_error, run_cli
+from cli_checks import FAST_COMPILE_FLAGS, assert_user_error, cpu_env, run_cli
 
 from moe_jax import sweep
 
@@ -45,7 +44,7 @@ def analysis(results, scale):
 @pytest.fixture
 def one_device(monkeypatch):
     """Training subprocesses on one CPU device (conftest gives this process 8), compiled fast."""
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
 
 
@@ -157,7 +156,7 @@ def test_print_commands_are_runnable_main_commands(tmp_path, capsys):
     # The CLI accepts exactly these flags: a config that validates but cannot train (0 steps) errors out
     # on the value, not on the flag syntax.
     proc = subprocess.run([sys.executable, *argv[1:], "--config.train.steps=0"], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+                          text=True, env=cpu_env())
     assert "train.steps=0" in proc.stderr, proc.stderr[-2000:]
 
 
