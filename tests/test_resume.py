@@ -77,7 +77,7 @@ def finished_checkpoints(workdir) -> list[int]:
 def run_stopped_at_random_step(args, env, workdir, rng, stop) -> tuple[int, str]:
     """Start the run, send it `stop` at a random step after its first checkpoint is on disk, and let it end;
     (the last step it logged before the signal, its whole output)."""
-    stop_at = rng.randint(CHECKPOINT_EVERY + 1, STEPS - 1)
+    stop_at = rng.randint(CHECKPOINT_EVERY + 1, STEPS - 3)  # a step takes milliseconds: time to land
     process = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     seen, lines = 0, []
