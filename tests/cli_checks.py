@@ -9,10 +9,16 @@ import sys
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def cpu_env(devices: int = 1, **extra) -> dict:
-    """os.environ for a subprocess on `devices` host CPU devices (libtpu quiet), compiled with FAST_COMPILE_FLAGS."""
+def cpu_settings(devices: int = 1) -> dict:
+    """The variables that put a new jax process on `devices` host CPU devices (libtpu quiet), compiled with
+    FAST_COMPILE_FLAGS."""
     flags = FAST_COMPILE_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices > 1 else "")
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
+    return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+
+
+def cpu_env(devices: int = 1, **extra) -> dict:
+    """os.environ for a subprocess, with cpu_settings(devices) and `extra`."""
+    return {**os.environ, **cpu_settings(devices), **extra}
 
 
 def run_cli(module, args, cwd, timeout=120):

@@ -7,7 +7,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from cli_checks import FAST_COMPILE_FLAGS
+from cli_checks import cpu_settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -21,8 +21,8 @@ def test_the_three_notebooks_are_there():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, monkeypatch):
     # One CPU device in the kernel, as on a laptop (this test process has 8, from conftest).
-    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    for name, value in cpu_settings().items():
+        monkeypatch.setenv(name, value)
     notebook = nbformat.read(path, as_version=4)
     assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
         f"{path.name} is committed with outputs: clear them"

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from cli_checks import FAST_COMPILE_FLAGS, assert_user_error, cpu_env, run_cli
+from cli_checks import assert_user_error, cpu_env, cpu_settings, run_cli
 
 from moe_jax import sweep
 
@@ -44,8 +44,8 @@ def analysis(results, scale):
 @pytest.fixture
 def one_device(monkeypatch):
     """Training subprocesses on one CPU device (conftest gives this process 8), compiled fast."""
-    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    for name, value in cpu_settings().items():
+        monkeypatch.setenv(name, value)
 
 
 def write_sweep(tmp_path, text=SWEEP_FILE, name="toy"):
