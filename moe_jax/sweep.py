@@ -42,6 +42,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import subprocess
@@ -184,7 +185,10 @@ class Sweep:
 
     @property
     def title(self) -> str:
-        return (self.module.__doc__ or self.name).strip().splitlines()[0]
+        """The docstring's first sentence on one line (a sentence that wraps in the file is not cut)."""
+        first_paragraph = " ".join((self.module.__doc__ or self.name).strip().split("\n\n")[0].split())
+        sentence_end = re.search(r"(?<!\bal)\.\s(?=[A-Z])", first_paragraph)  # "et al." ends no sentence
+        return first_paragraph if sentence_end is None else first_paragraph[:sentence_end.start() + 1]
 
     @property
     def columns(self) -> tuple:

@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import platform
+import textwrap
 import subprocess
 from typing import Callable, Optional
 
@@ -436,7 +437,7 @@ def plot(summaries: dict, path: pathlib.Path, title: str) -> None:
         axes[1, 1].set_xlim(min(times) * 0.98, None)
         axes[1, 0].set_title("second half of training", fontsize=9)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -171,6 +171,7 @@ def test_every_ablation_builds_at_both_scales(path):
         loaded = sweep.load_sweep(str(path), scale)
         assert len(loaded.variants) >= 2
         assert "python -m moe_jax.sweep --sweep=experiments/ablations/" in loaded.module.__doc__
+        assert loaded.title.endswith((".", "?", ")")) and "\n" not in loaded.title, loaded.title
         # Laptop variants start from the tiny configs (the encoder-decoder twins derive from them), so a retune
         # of those configs reaches every sweep.
         bases = {v.config.split(":")[0] for v in loaded.variants.values()}
