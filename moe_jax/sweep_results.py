@@ -14,8 +14,8 @@ import math
 import os
 import pathlib
 import platform
-import textwrap
 import subprocess
+import textwrap
 from typing import Callable, Optional
 
 import numpy as np
